@@ -1,0 +1,145 @@
+"""`Parametrized`: the pytree node that stands where a parametrized leaf stood.
+
+Its children are the raw originals (trainable), the chain's own learnable ``params`` and its
+non-trainable ``state``; its static part is the chain itself. Nothing else is stored, so the
+registered tree is an ordinary pytree: ``jax.jit``, ``jax.grad``, ``jax.vmap``, optax,
+``flax.serialization`` and orbax all see plain arrays at stable key paths:
+
+``...['kernel'].original`` (or ``.original0``, ``.original1``, ...), ``...['kernel'].params['<i>']``
+and ``...['kernel'].state['<i>']``, where ``<i>`` is the position of the link in the chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.tree_util import GetAttrKey
+
+from paramx._src import parametrization as pz
+
+PyTree = Any
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Parametrized:
+    """A parametrized tensor inside a registered tree.
+
+    You rarely build one by hand: :func:`paramx.register_parametrization` puts it in the
+    tree. Read it to inspect what is registered.
+
+    Attributes:
+      originals: The raw tensors the optimizer trains, as a tuple (one entry unless the first
+        parametrization's ``right_inverse`` returned a sequence).
+      chain: The parametrizations, applied in order.
+      params: The learnable arrays of the links that have them, keyed by link position.
+      state: The non-trainable state of the links that have it, keyed by link position. It is
+        empty in the trainable half returned by :func:`paramx.split_state`.
+      multi: Whether the originals came from a sequence (torch's ``original0``, ...).
+      unsafe: Whether consistency checks are skipped for this tensor (sticky, as in torch).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> tree = px.register_parametrization({"w": jnp.ones((2, 2))}, "w", jnp.tanh)
+      >>> node = tree["w"]
+      >>> node.original.shape, px.is_parametrized(tree, "w")
+      ((2, 2), True)
+    """
+
+    __slots__ = ("chain", "multi", "originals", "params", "state", "unsafe")
+
+    def __init__(
+        self,
+        originals: tuple[Any, ...],
+        chain: tuple[Any, ...],
+        params: dict[str, PyTree] | None = None,
+        state: dict[str, PyTree] | None = None,
+        *,
+        multi: bool = False,
+        unsafe: bool = False,
+    ):
+        self.originals = tuple(originals)
+        self.chain = tuple(chain)
+        self.params = dict(params or {})
+        self.state = dict(state or {})
+        self.multi = multi
+        self.unsafe = unsafe
+
+    # ----- pytree protocol -------------------------------------------------------------
+    def _original_names(self) -> list[str]:
+        if self.multi:
+            return [f"original{i}" for i in range(len(self.originals))]
+        return ["original"]
+
+    def tree_flatten_with_keys(self):
+        children = [(GetAttrKey(n), x) for n, x in zip(self._original_names(), self.originals)]
+        children.append((GetAttrKey("params"), self.params))
+        children.append((GetAttrKey("state"), self.state))
+        aux = (self.chain, self.multi, self.unsafe, len(self.originals))
+        return children, aux
+
+    def tree_flatten(self):
+        children, aux = self.tree_flatten_with_keys()
+        return [c for _, c in children], aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        chain, multi, unsafe, n = aux
+        node = object.__new__(cls)
+        node.originals = tuple(children[:n])
+        node.params = children[n]
+        node.state = children[n + 1]
+        node.chain = chain
+        node.multi = multi
+        node.unsafe = unsafe
+        return node
+
+    # ----- convenience -----------------------------------------------------------------
+    @property
+    def original(self) -> Any:
+        """The single original; raises if the originals are several."""
+        if self.multi:
+            raise AttributeError(
+                f"This tensor is parametrized in terms of {len(self.originals)} originals "
+                f"({', '.join(self._original_names())}); read `.originals` instead of `.original`."
+            )
+        return self.originals[0]
+
+    def replace(self, **changes: Any) -> Parametrized:
+        """Returns a copy with some fields replaced (the node itself is never modified)."""
+        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields.update(changes)
+        return Parametrized(
+            fields["originals"],
+            fields["chain"],
+            fields["params"],
+            fields["state"],
+            multi=fields["multi"],
+            unsafe=fields["unsafe"],
+        )
+
+    def chain_names(self) -> list[str]:
+        return [pz.display_name(p) for p in self.chain]
+
+    def __repr__(self) -> str:
+        def describe(x: Any) -> str:
+            shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+            if shape is None or dtype is None:
+                return repr(x)
+            return f"{jax.numpy.dtype(dtype).name}{list(shape)}"
+
+        names = self._original_names()
+        parts = [f"{n}={describe(x)}" for n, x in zip(names, self.originals)]
+        parts.insert(0, f"chain=[{', '.join(self.chain_names())}]")
+        for label, tree in (("params", self.params), ("state", self.state)):
+            if tree:
+                shown = jax.tree_util.tree_map(describe, tree)
+                parts.append(f"{label}={shown}")
+        if self.unsafe:
+            parts.append("unsafe=True")
+        return f"Parametrized({', '.join(parts)})"
+
+
+def is_node(x: Any) -> bool:
+    return isinstance(x, Parametrized)

@@ -1,0 +1,68 @@
+"""`remove_parametrizations`: back to a plain leaf."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paramx._src import chain as ch
+from paramx._src import paths
+from paramx._src.node import is_node
+
+
+def remove_parametrizations(
+    tree: Any, where: paths.Where, *, leave_parametrized: bool = True
+) -> Any:
+    """Removes the parametrizations of one or more tensors; returns a new tree.
+
+    With ``leave_parametrized=True`` the leaf becomes the current parametrized value (computed
+    without a state update: torch's eval mode, so no extra power-iteration step). With
+    ``False`` it becomes the raw original, which needs a single original. The leaf's state
+    and the parametrizations' own arrays are dropped. Unlike torch, a chain that changed the
+    dtype (``unsafe=True``) can be removed with ``leave_parametrized=True``: the leaf simply
+    takes the parametrized value's dtype.
+
+    Args:
+      tree: A registered tree.
+      where: A path, a tuple of keys, or a predicate; a predicate sees parametrized tensors
+        only.
+      leave_parametrized: Keep the parametrized value (True) or the original (False).
+
+    Returns:
+      The new tree.
+
+    Raises:
+      ValueError: If a selected tensor is not parametrized, or if ``leave_parametrized=False``
+        for a tensor parametrized in terms of several originals.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> tree = px.register_parametrization(
+      ...     {"w": jnp.array([1.0, 2.0])}, "w",
+      ...     px.Parametrization(forward=jnp.exp, right_inverse=jnp.log))
+      >>> px.remove_parametrizations(tree, "w")["w"]
+      Array([1., 2.], dtype=float32)
+      >>> px.remove_parametrizations(tree, "w", leave_parametrized=False)["w"]
+      Array([0.       , 0.6931472], dtype=float32)
+    """
+    leaves = paths.leaves_with_paths(tree)
+    replacements = {}
+    for i in paths.select(tree, where, only_parametrized=True, what="parametrized tensor"):
+        path, node = leaves[i]
+        where_s = paths.format_path(path)
+        if not is_node(node):
+            raise ValueError(
+                f"The tensor at {where_s} does not have a parametrization; nothing to remove. "
+                f"Use `paramx.summary(tree)` to list what is parametrized."
+            )
+        if leave_parametrized:
+            replacements[i] = ch.node_value(node)[0]
+        elif node.multi:
+            raise ValueError(
+                f"Cannot leave unparametrized (`leave_parametrized=False`) a tensor that is "
+                f"parametrized in terms of a sequence of tensors (at {where_s}: "
+                f"{len(node.originals)} originals). Use `leave_parametrized=True`."
+            )
+        else:
+            replacements[i] = node.originals[0]
+    return paths.replace_leaves(tree, replacements)

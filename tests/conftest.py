@@ -1,0 +1,36 @@
+"""Suite-wide settings: float64 available, strict dtype promotion, no implicit rank promotion."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Per-dtype tolerances (atol, rtol), in one table.
+TOLERANCES = {
+    jnp.dtype(jnp.float64): (1e-12, 1e-12),
+    jnp.dtype(jnp.float32): (1e-5, 1e-5),
+    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
+    jnp.dtype(jnp.complex64): (1e-5, 1e-5),
+    jnp.dtype(jnp.complex128): (1e-12, 1e-12),
+}
+
+
+def assert_close(actual, desired, dtype=None, scale=1.0):
+    """Dtype-aware allclose; ``scale`` loosens both tolerances for ill-conditioned maps."""
+    dtype = jnp.dtype(dtype or jnp.result_type(desired))
+    atol, rtol = TOLERANCES[dtype]
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64 if dtype != jnp.complex128 else np.complex128),
+        np.asarray(desired, dtype=np.float64 if dtype != jnp.complex128 else np.complex128),
+        atol=atol * scale,
+        rtol=rtol * scale,
+    )
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
