@@ -296,6 +296,12 @@ def test_bad_right_inverse_returns():
         "params/Dense_0/bias",
         cast,
     )
+    _raises_and_keeps(
+        chained,
+        "parametrization.right_inverse may not change the shape",
+        "params/Dense_0/bias",
+        bad(lambda y: y[:1]),
+    )
 
 
 def test_non_array_leaf_and_non_parametrization_are_errors():
