@@ -13,21 +13,30 @@ from paramx._src.inspect import summary as summary
 from paramx._src.materialize import cached as cached
 from paramx._src.materialize import materialize as materialize
 from paramx._src.node import Parametrized as Parametrized
+from paramx._src.orthogonal import Orthogonal as Orthogonal
+from paramx._src.orthogonal import orthogonal as orthogonal
 from paramx._src.parametrization import Parametrization as Parametrization
 from paramx._src.paths import path_keys as path_keys
 from paramx._src.register import register_parametrization as register_parametrization
 from paramx._src.remove import remove_parametrizations as remove_parametrizations
+from paramx._src.spectral_norm import SpectralNorm as SpectralNorm
+from paramx._src.spectral_norm import spectral_norm as spectral_norm
 from paramx._src.state import merge_state as merge_state
 from paramx._src.state import split_state as split_state
 from paramx._src.transfer import (
     transfer_parametrizations_and_params as transfer_parametrizations_and_params,
 )
+from paramx._src.weight_norm import WeightNorm as WeightNorm
+from paramx._src.weight_norm import weight_norm as weight_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Orthogonal",
     "Parametrization",
     "Parametrized",
+    "SpectralNorm",
+    "WeightNorm",
     "assign",
     "cached",
     "get_parametrized",
@@ -35,10 +44,13 @@ __all__ = [
     "materialize",
     "merge_state",
     "originals",
+    "orthogonal",
     "path_keys",
     "register_parametrization",
     "remove_parametrizations",
+    "spectral_norm",
     "split_state",
     "summary",
     "transfer_parametrizations_and_params",
+    "weight_norm",
 ]

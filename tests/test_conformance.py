@@ -63,7 +63,50 @@ def _rank_one_sample(key, shape, dtype):
     return a[..., :, None] * b[..., None, :]
 
 
+def _orthogonal_sample(key, shape, dtype):
+    work = jnp.float32 if dtype == jnp.bfloat16 else dtype
+    x = jax.random.normal(key, shape, jnp.float32).astype(work)
+    flip = shape[-2] <= shape[-1]
+    t = jnp.swapaxes(x, -1, -2) if flip else x
+    q, r = jnp.linalg.qr(t)
+    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    return (jnp.swapaxes(q, -1, -2) if flip else q).astype(dtype)
+
+
+def _unit_spectral_norm(key, shape, dtype):
+    x = jax.random.normal(key, shape, jnp.float32).astype(
+        jnp.float32 if dtype == jnp.bfloat16 else dtype
+    )
+    return (x / jnp.linalg.norm(x, 2)).astype(dtype)
+
+
+BUILTINS = [
+    Case(
+        f"orthogonal-{m}-{'x'.join(map(str, shape))}",
+        px.Orthogonal(m),
+        _orthogonal_sample,
+        shape,
+        scale=20,
+    )
+    for m in ("matrix_exp", "cayley", "householder")
+    for shape in ((4, 4), (5, 3), (3, 5), (2, 4, 3))
+] + [
+    Case(
+        "orthogonal-householder-notriv",
+        px.Orthogonal("householder", False),
+        _orthogonal_sample,
+        (5, 3),
+        scale=20,
+    ),
+    Case("spectral_norm", px.SpectralNorm(), _unit_spectral_norm, (5, 3), exact_inverse=False),
+    Case("spectral_norm-conv", px.SpectralNorm(2), _normal, (3, 3, 2, 4), exact_inverse=False),
+    Case("spectral_norm-vector", px.SpectralNorm(), _normal, (6,), exact_inverse=False),
+    Case("weight_norm", px.WeightNorm(), _normal, (4, 3), scale=4),
+    Case("weight_norm-whole", px.WeightNorm(None), _normal, (2, 3, 4), scale=4),
+]
+
 CASES = [
+    *BUILTINS,
     Case("symmetric", toys.symmetric, _sym_sample),
     Case("symmetric-batched", toys.symmetric, _sym_sample, shape=(2, 3, 3)),
     Case("skew", toys.skew, _skew_sample),

@@ -209,3 +209,16 @@ def test_same_parametrizations_on_a_fresh_tree_do_not_retrace():
     # The test can fail: a different parametrization is a different program.
     step(_register_all(_fresh_tree(3), scale=toys.Scale(5.0)))
     assert traces["n"] == 2
+
+
+def test_no_gradient_reaches_state_even_in_an_unsplit_tree():
+    tree = px.register_parametrization(
+        {"w": jnp.array([1.0, -2.0], jnp.float32)}, "w", toys.RunningMax()
+    )
+
+    def loss(t):
+        return jnp.sum(px.materialize(t)["w"] ** 2)
+
+    grads = jax.grad(loss)(tree)
+    assert float(grads["w"].state["0"]) == 0.0
+    assert float(jnp.sum(jnp.abs(grads["w"].original))) > 0

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from paramx._src import chain as ch
 from paramx._src import parametrization as pz
 from paramx._src import paths
-from paramx._src.node import is_node
 
 
 def assign(tree: Any, where: paths.Where, value: Any) -> Any:
@@ -49,16 +48,10 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     if not ch.is_array(value):
         raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")
     value = jnp.asarray(value)
-    leaves = paths.leaves_with_paths(tree)
     replacements = {}
-    for i in paths.select(tree, where, only_parametrized=True, what="parametrized tensor"):
-        path, node = leaves[i]
-        where_s = paths.format_path(path)
-        if not is_node(node):
-            raise ValueError(
-                f"The tensor at {where_s} is not parametrized; there is no right_inverse to run. "
-                f"Register a parametrization first, or replace the leaf directly."
-            )
+    for i, where_s, node in paths.select_parametrized(
+        tree, where, doing="there is no right_inverse to run (replace the leaf directly)"
+    ):
         state = dict(node.state)
         x: Any = value
         for k in reversed(range(len(node.chain))):

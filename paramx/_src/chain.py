@@ -54,11 +54,12 @@ def run_forward(
     xs: tuple[Any, ...] = tuple(originals)
     for i, p in enumerate(chain):
         kw = link_kwargs(params, new_state, i, p)
+        if kw:  # state is never differentiated, whoever holds it
+            kw["state"] = jax.lax.stop_gradient(kw["state"])
         update = pz.update_state_fn(p)
-        if update_state and update is not None and pz.has_arrays(p):
+        if update_state and update is not None and str(i) in new_state:
             sg = jax.lax.stop_gradient
-            s = update(*sg(xs), params=sg(kw["params"]), state=sg(kw["state"]))
-            new_state[str(i)] = sg(s)
+            new_state[str(i)] = sg(update(*sg(xs), params=sg(kw["params"]), state=kw["state"]))
             kw["state"] = new_state[str(i)]
         xs = (pz.forward_fn(p)(*xs, **kw),)
     return xs[0], new_state

@@ -147,6 +147,27 @@ def select(
     raise ValueError(f"No {what} at path {shown!r}. {hint}")
 
 
+def select_parametrized(tree: Any, where: Where, *, doing: str) -> list[tuple[int, str, Any]]:
+    """``(leaf index, path, node)`` for each parametrized tensor ``where`` selects.
+
+    ``doing`` completes the error raised for a selected leaf that is not parametrized, e.g.
+    "there is no right_inverse to run".
+    """
+    leaves = leaves_with_paths(tree)
+    out = []
+    for i in select(tree, where, only_parametrized=True, what="parametrized tensor"):
+        path, node = leaves[i]
+        shown = format_path(path)
+        if not is_node(node):
+            parametrized = [format_path(p) for p, leaf in leaves if is_node(leaf)]
+            raise ValueError(
+                f"The tensor at {shown} does not have a parametrization; {doing}. "
+                f"{_listing('Parametrized tensors', parametrized) if parametrized else ''}".rstrip()
+            )
+        out.append((i, shown, node))
+    return out
+
+
 def _listing(label: str, items: list[str], limit: int = 8) -> str:
     if not items:
         return "The tree has no leaves."

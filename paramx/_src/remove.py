@@ -6,7 +6,6 @@ from typing import Any
 
 from paramx._src import chain as ch
 from paramx._src import paths
-from paramx._src.node import is_node
 
 
 def remove_parametrizations(
@@ -45,16 +44,8 @@ def remove_parametrizations(
       >>> px.remove_parametrizations(tree, "w", leave_parametrized=False)["w"]
       Array([0.       , 0.6931472], dtype=float32)
     """
-    leaves = paths.leaves_with_paths(tree)
     replacements = {}
-    for i in paths.select(tree, where, only_parametrized=True, what="parametrized tensor"):
-        path, node = leaves[i]
-        where_s = paths.format_path(path)
-        if not is_node(node):
-            raise ValueError(
-                f"The tensor at {where_s} does not have a parametrization; nothing to remove. "
-                f"Use `paramx.summary(tree)` to list what is parametrized."
-            )
+    for i, where_s, node in paths.select_parametrized(tree, where, doing="nothing to remove"):
         if leave_parametrized:
             replacements[i] = ch.node_value(node)[0]
         elif node.multi:

@@ -1,0 +1,277 @@
+"""`orthogonal`: matrices with orthonormal columns (or rows), as torch's parametrization.
+
+The value is Q in K^{m x n} (K = R or C) with Q^H Q = I_n when m >= n and Q Q^H = I_m when
+m < n, for the last two axes of the array; leading axes are a batch of matrices.
+
+Layouts. A Flax ``Dense`` kernel K is (in, out), the transpose of torch's ``Linear.weight``
+W. paramx computes exactly the transpose of what torch computes on W = K^T, for every
+shape: torch works on W's tall orientation, which is K^T unless K is strictly tall (a
+square kernel is transposed too, so the skew part comes from K's upper triangle). A Dense
+kernel with in <= out gets orthonormal rows, as torch's weight with out >= in gets
+orthonormal columns, and the originals are the transposes of torch's. For conv
+kernels, Flax's last two axes are (in, out) and torch's are the spatial ones: paramx makes
+each spatial tap orthogonal in channel space, where torch orthogonalizes each (kh, kw)
+slice. Transpose to torch's layout first if you need torch's behaviour there.
+
+Maps (on the tall orientation X of shape (n, k), n >= k, torch's working matrix):
+
+* ``matrix_exp`` / ``cayley``: A = tril(X) padded with zero columns to n x n, skew part
+  A - A^H, then exp or the Cayley map, first k columns.
+* ``householder`` (real only): the strictly lower part of X holds reflectors with
+  tau = 2 / (1 + |a|^2), column signs from the integer part of X's diagonal.
+
+With ``use_trivialization=True`` (the default), the state holds an orthogonal ``base`` and
+the value is ``base @ map(X)``; registering (or assigning) a value Q sets ``base`` from Q
+and the original to -I, so the value right after registration is the Q factor of the
+registered matrix (positive diagonal of R), exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from paramx._src.numerics import compute_dtype
+
+_MAPS = ("matrix_exp", "cayley", "householder")
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _mH(x: jax.Array) -> jax.Array:
+    return jnp.conj(_mT(x))
+
+
+def _flip(x: Any) -> bool:
+    """Whether the tall orientation of a Flax-layout matrix is its transpose.
+
+    torch works on its weight W, transposing it only when wide. A Flax kernel is K = W^T, so
+    torch's working matrix is K^T unless K is strictly tall: square kernels flip too.
+    """
+    return x.shape[-2] <= x.shape[-1]
+
+
+def _eye_like(x: jax.Array) -> jax.Array:
+    n, k = x.shape[-2:]
+    return jnp.broadcast_to(jnp.eye(n, k, dtype=x.dtype), x.shape)
+
+
+def _make_orthogonal(a: jax.Array) -> jax.Array:
+    """The Q factor of a tall ``a`` with a real, non-negative diagonal of R."""
+    q, r = jnp.linalg.qr(a)
+    d = jnp.diagonal(r, axis1=-2, axis2=-1)
+    mag = jnp.abs(d)
+    phase = jnp.where(mag > 0, d / jnp.where(mag > 0, mag, 1).astype(d.dtype), 1).astype(q.dtype)
+    return q * phase[..., None, :]
+
+
+def _is_orthogonal(q: jax.Array) -> jax.Array:
+    """torch's test: allclose(Q^H Q, I) with atol = 10 * n * eps and rtol = 1e-5."""
+    n, k = q.shape[-2:]
+    eps = jnp.finfo(q.dtype).eps
+    gram = _mH(q) @ q
+    err = jnp.abs(gram - jnp.broadcast_to(jnp.eye(k, dtype=q.dtype), gram.shape))
+    return jnp.all(err <= 10.0 * n * eps + 1e-5)
+
+
+def _complete_base(q: jax.Array) -> jax.Array:
+    """An n x n unitary whose first k columns are the Q factor of the tall ``q``.
+
+    torch completes with random columns; paramx completes deterministically with the QR of
+    [q, I], whose Householder Q is unitary even where [q, I] is rank deficient.
+    """
+    n, k = q.shape[-2:]
+    qk = _make_orthogonal(q)
+    if n == k:
+        return qk
+    ext = jnp.concatenate([qk, jnp.broadcast_to(jnp.eye(n, dtype=q.dtype), (*q.shape[:-1], n))], -1)
+    full, _ = jnp.linalg.qr(ext)
+    return jnp.concatenate([qk, full[..., :, k:n]], axis=-1)
+
+
+def _householder_q(a: jax.Array) -> jax.Array:
+    """First k columns of H_1 ... H_k, H_i = I - tau_i v_i v_i^T, v_i = e_i + a[:, i].
+
+    With tau_i = 2 / (v_i^T v_i) each H_i is an exact reflection, and the product has the
+    compact WY form I - V T V^T with T^{-1} = triu(V^T V, 1) + diag(V^T V) / 2 (upper
+    triangular). So Q[:, :k] = I_{n,k} - V T V[:k]^T: matrix products and one triangular
+    solve, differentiable as they stand (``householder_product`` has no derivative rule).
+    """
+    n, k = a.shape[-2:]
+    eye = jnp.broadcast_to(jnp.eye(n, k, dtype=a.dtype), a.shape)
+    v = a + eye
+    gram = _mT(v) @ v
+    t_inv = jnp.triu(gram, 1) + jnp.diagonal(gram, axis1=-2, axis2=-1)[..., None, :] * (
+        0.5 * jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), gram.shape)
+    )
+    w = jax.scipy.linalg.solve_triangular(t_inv, _mT(v[..., :k, :]), lower=False)
+    return eye - v @ w
+
+
+@dataclasses.dataclass(frozen=True)
+class Orthogonal:
+    """The orthogonal parametrization; register it with :func:`paramx.orthogonal`.
+
+    Attributes:
+      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"``, or ``None`` for
+        torch's rule: ``matrix_exp`` if the matrix is square or complex, else
+        ``householder``.
+      use_trivialization: Keep an orthogonal ``base`` as state (the dynamic trivialization
+        framework); the value is ``base @ map(original)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> tree = px.register_parametrization(
+      ...     {"w": jnp.eye(3)}, "w", px.Orthogonal("cayley"))
+      >>> px.materialize(tree)["w"]
+      Array([[1., 0., 0.],
+             [0., 1., 0.],
+             [0., 0., 1.]], dtype=float32)
+    """
+
+    orthogonal_map: str | None = None
+    use_trivialization: bool = True
+    name: str = "orthogonal"
+
+    def __post_init__(self) -> None:
+        if self.orthogonal_map is not None and self.orthogonal_map not in _MAPS:
+            raise ValueError(
+                'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
+                f"Got: {self.orthogonal_map}"
+            )
+
+    # ----- shape rules -------------------------------------------------------------------
+    def map_for(self, x: Any) -> str:
+        """The map used for a tensor of ``x``'s shape and dtype."""
+        if len(x.shape) < 2:
+            raise ValueError(
+                f"Expected a matrix or batch of matrices. Got a tensor of {len(x.shape)} "
+                f"dimensions."
+            )
+        complex_ = jnp.issubdtype(x.dtype, jnp.complexfloating)
+        name = self.orthogonal_map
+        if name is None:
+            name = "matrix_exp" if x.shape[-2] == x.shape[-1] or complex_ else "householder"
+        if name == "householder" and complex_:
+            raise ValueError("The householder parametrization does not support complex tensors.")
+        return name
+
+    # ----- the protocol --------------------------------------------------------------------
+    def init(self, value: jax.Array, key: jax.Array) -> tuple[None, Any]:
+        self.map_for(value)  # validates ndim, map and dtype before anything else runs
+        if not self.use_trivialization:
+            return None, None
+        return None, {"base": self._base(value)}
+
+    def forward(self, x: jax.Array, *, params: Any, state: Any) -> jax.Array:
+        name = self.map_for(x)
+        dtype = x.dtype
+        x = x.astype(compute_dtype(dtype))
+        flip = _flip(x)
+        if flip:
+            x = _mT(x)
+        n, k = x.shape[-2:]
+        if name == "householder":
+            q = _householder_q(jnp.tril(x, -1))
+            signs = jax.lax.stop_gradient(jnp.trunc(jnp.diagonal(x, axis1=-2, axis2=-1)))
+            q = q * signs[..., None, :]
+        else:
+            from paramx._src import linalg
+
+            a = jnp.tril(x)
+            if n != k:
+                a = jnp.concatenate([a, jnp.zeros((*a.shape[:-1], n - k), a.dtype)], axis=-1)
+            a = a - _mH(a)
+            q = (linalg.expm_skew if name == "matrix_exp" else linalg.cayley)(a)[..., :k]
+        if state is not None:
+            q = state["base"].astype(q.dtype) @ q
+        if flip:
+            q = _mT(q)
+        return q.astype(dtype)
+
+    def right_inverse(self, q: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
+        name = self.map_for(q)
+        if not self.use_trivialization:
+            if name != "householder":
+                raise NotImplementedError(
+                    "It is not possible to assign to the matrix exponential or the Cayley "
+                    "parametrizations when use_trivialization=False."
+                )
+            return self._householder_inverse(q), state
+        neg_id = -_eye_like(q)
+        return neg_id, {"base": self._base(q)}
+
+    # ----- helpers -------------------------------------------------------------------------
+    def _base(self, q: jax.Array) -> jax.Array:
+        dtype = compute_dtype(q.dtype)
+        q = q.astype(dtype)
+        if _flip(q):
+            q = _mT(q)
+        if q.shape[-2] == q.shape[-1]:
+            return jnp.where(_is_orthogonal(q), q, _make_orthogonal(q))
+        return _complete_base(q)
+
+    def _householder_inverse(self, q: jax.Array) -> jax.Array:
+        dtype = q.dtype
+        x = q.astype(compute_dtype(dtype))
+        flip = _flip(x)
+        if flip:
+            x = _mT(x)
+        h, tau = jnp.linalg.qr(x, mode="raw")  # LAPACK's geqrf, returned transposed
+        a = _mT(h)
+        d = jnp.sign(jnp.diagonal(a, axis1=-2, axis2=-1))
+        d = jnp.where(tau == 0, -d, d)  # LAPACK's "no reflection" reflector: flip its sign
+        k = x.shape[-1]
+        a = a.at[..., jnp.arange(k), jnp.arange(k)].set(d)
+        if flip:
+            a = _mT(a)
+        return a.astype(dtype)
+
+
+def orthogonal(
+    tree: Any,
+    where: Any,
+    orthogonal_map: str | None = None,
+    *,
+    use_trivialization: bool = True,
+) -> Any:
+    """Registers an orthogonal (unitary) parametrization; torch's ``orthogonal``.
+
+    See :class:`paramx.Orthogonal` for the maps and the layout notes: on a Flax kernel
+    (in, out) it computes the transpose of what torch computes on the (out, in) weight.
+    Registered, like torch, with ``unsafe=True``: no forward consistency check.
+
+    Args:
+      tree: The tree to register on (e.g. what ``model.init`` returns).
+      where: A path, a tuple of keys, or a predicate over key paths.
+      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"`` or ``None`` (torch's
+        default rule).
+      use_trivialization: Keep an orthogonal ``base`` in the state (default True).
+
+    Returns:
+      The new tree.
+
+    Raises:
+      ValueError: For a tensor of fewer than 2 dimensions, an unknown map, or householder
+        with a complex tensor.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> kernel = jax.random.normal(jax.random.key(0), (3, 5))  # a Flax Dense kernel
+      >>> tree = px.orthogonal({"kernel": kernel}, "kernel")
+      >>> q = px.materialize(tree)["kernel"]
+      >>> bool(jnp.allclose(q @ q.T, jnp.eye(3), atol=1e-5))
+      True
+    """
+    from paramx._src.register import register_parametrization
+
+    p = Orthogonal(orthogonal_map, use_trivialization)
+    return register_parametrization(tree, where, p, unsafe=True)

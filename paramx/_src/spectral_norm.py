@@ -1,0 +1,166 @@
+"""`spectral_norm`: W / sigma(W), sigma estimated by power iteration kept as state.
+
+Layouts. ``dim`` is the axis of output features, moved to the front before the rest is
+flattened: the matrix is (size of ``dim``, everything else). torch's default is its weight's
+axis 0 (axis 1 for ConvTranspose); a Flax kernel keeps output features last for Dense,
+Conv and ConvTranspose alike, so paramx's default is the last axis. A Flax Dense kernel
+(in, out) with ``dim=-1`` gives the (out, in) matrix of torch's weight, and conv kernels
+give the same matrix up to the order of its columns (same sigma, same u).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from paramx._src.numerics import compute_dtype, normalize_axis
+
+_WARMUP_ITERATIONS = 15  # torch runs 15 power iterations when the parametrization is built
+
+
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
+    norm = jnp.sqrt(jnp.sum(jnp.abs(x) ** 2))
+    return x / jnp.maximum(norm, eps).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralNorm:
+    """The spectral-norm parametrization; register it with :func:`paramx.spectral_norm`.
+
+    State is ``{'u': (h,), 'v': (w,)}`` for the (h, w) matrix; a 1-D tensor has no state and
+    is simply L2-normalized.
+
+    Attributes:
+      n_power_iterations: Power iterations per state update (training step).
+      eps: Floor of the norms in the normalizations.
+      dim: Axis of output features; ``None`` means the last axis (Flax's layout).
+      axis_name: If set, u and v are averaged over this named axis after each update
+        (``shard_map`` / ``pmap`` / ``vmap`` with ``axis_name``), so replicas agree.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> tree = px.register_parametrization(
+      ...     {"kernel": jnp.diag(jnp.array([3.0, 1.0]))}, "kernel", px.SpectralNorm())
+      >>> px.materialize(tree)["kernel"]
+      Array([[1.        , 0.        ],
+             [0.        , 0.33333334]], dtype=float32)
+    """
+
+    n_power_iterations: int = 1
+    eps: float = 1e-12
+    dim: int | None = None
+    axis_name: Any = None
+    name: str = "spectral_norm"
+
+    def __post_init__(self) -> None:
+        if self.n_power_iterations <= 0:
+            raise ValueError(
+                "Expected n_power_iterations to be positive, but got "
+                f"n_power_iterations={self.n_power_iterations}"
+            )
+
+    def _axis(self, ndim: int) -> int:
+        return normalize_axis(-1 if self.dim is None else self.dim, ndim)
+
+    def matrix(self, w: jax.Array) -> jax.Array:
+        """The (h, w) matrix whose spectral norm is normalized: ``dim`` first, rest flattened."""
+        w = jnp.moveaxis(w, self._axis(w.ndim), 0)
+        return w.reshape(w.shape[0], -1)
+
+    def _iterate(self, mat: jax.Array, u: jax.Array, v: jax.Array, n: int) -> tuple:
+        def body(_, uv):
+            u, v = uv
+            u = _normalize(mat @ v, self.eps)
+            v = _normalize(jnp.conj(mat.T) @ u, self.eps)
+            return u, v
+
+        return jax.lax.fori_loop(0, n, body, (u, v))
+
+    # ----- the protocol --------------------------------------------------------------------
+    def init(self, value: jax.Array, key: jax.Array) -> tuple[None, Any]:
+        if value.ndim == 1:
+            self._axis(1)
+            return None, None
+        mat = self.matrix(value).astype(compute_dtype(value.dtype))
+        ku, kv = jax.random.split(key)
+        u = _normalize(jax.random.normal(ku, mat.shape[:1], mat.dtype), self.eps)
+        v = _normalize(jax.random.normal(kv, mat.shape[1:], mat.dtype), self.eps)
+        u, v = self._iterate(mat, u, v, _WARMUP_ITERATIONS)
+        return None, {"u": u, "v": v}
+
+    def update_state(self, w: jax.Array, *, params: Any, state: Any) -> Any:
+        if state is None:
+            return None
+        mat = self.matrix(w).astype(state["u"].dtype)
+        u, v = self._iterate(mat, state["u"], state["v"], self.n_power_iterations)
+        if self.axis_name is not None:
+            u = _normalize(jax.lax.pmean(u, self.axis_name), self.eps)
+            v = _normalize(jax.lax.pmean(v, self.axis_name), self.eps)
+        return {"u": u, "v": v}
+
+    def forward(self, w: jax.Array, *, params: Any, state: Any) -> jax.Array:
+        if state is None:  # 1-D: plain L2 normalization
+            return _normalize(w.astype(compute_dtype(w.dtype)), self.eps).astype(w.dtype)
+        mat = self.matrix(w).astype(state["u"].dtype)
+        sigma = jnp.vdot(state["u"], mat @ state["v"])
+        # torch divides by zero here; a zero weight stays zero instead.
+        sigma = jnp.where(sigma == 0, jnp.ones_like(sigma), sigma)
+        return (w.astype(sigma.dtype) / sigma).astype(w.dtype)
+
+    def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
+        return value, state
+
+
+def spectral_norm(
+    tree: Any,
+    where: Any,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    *,
+    axis_name: Any = None,
+    key: jax.Array | None = None,
+) -> Any:
+    """Registers spectral normalization; torch's ``spectral_norm``.
+
+    u and v start from random unit vectors (drawn from ``key``, one per leaf) followed by 15
+    power iterations. They are state: they change only in
+    ``materialize(..., update_state=True)`` (``n_power_iterations`` each time, torch's training
+    mode), never receive gradients, and sigma = u^H (W v). Registration does not change the
+    weight's raw value (``right_inverse`` is the identity, as in torch).
+
+    Args:
+      tree: The tree to register on.
+      where: A path, a tuple of keys, or a predicate over key paths.
+      n_power_iterations: Iterations per state update; must be positive.
+      eps: Floor of the norms in the normalizations.
+      dim: Axis of output features; ``None`` is the last axis (see the module notes for the
+        mapping from torch's layouts).
+      axis_name: Average u and v over this named axis after each update (data parallel).
+      key: PRNG key for the initial u and v.
+
+    Returns:
+      The new tree.
+
+    Raises:
+      IndexError: If ``dim`` is out of range for a selected tensor.
+      ValueError: If ``n_power_iterations <= 0``.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> kernel = jax.random.normal(jax.random.key(0), (4, 3))
+      >>> tree = px.spectral_norm({"kernel": kernel}, "kernel")
+      >>> w = px.materialize(tree)["kernel"]
+      >>> round(float(jnp.linalg.norm(w, 2)), 4)
+      1.0
+    """
+    from paramx._src.register import register_parametrization
+
+    p = SpectralNorm(n_power_iterations, eps, dim, axis_name)
+    return register_parametrization(tree, where, p, key=key)

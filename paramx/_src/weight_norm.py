@@ -1,0 +1,98 @@
+"""`weight_norm`: w = g * v / |v|, with g and v as the two originals (torch's original0/1).
+
+Layouts. ``dim`` is the axis whose slices are normalized separately (the output features):
+torch's default is its weight's axis 0, Flax keeps output features last, so paramx's
+default is ``dim=-1``. ``dim=None`` normalizes the whole tensor (g is a scalar). Note one
+difference in spelling: torch treats ``dim=-1`` like ``None`` (whole tensor); paramx's
+``dim=-1`` is the last axis, like any other negative index. g keeps the weight's rank with
+ones on the normalized axes, e.g. (1, out) for a Flax Dense kernel (torch: (out, 1)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from paramx._src.numerics import compute_dtype, normalize_axis
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNorm:
+    """The weight-norm parametrization; register it with :func:`paramx.weight_norm`.
+
+    Attributes:
+      dim: The axis kept (one norm per slice along it); ``None`` for the whole tensor.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> tree = px.register_parametrization(
+      ...     {"kernel": jnp.array([[3.0, 0.0], [4.0, 2.0]])}, "kernel", px.WeightNorm())
+      >>> g, v = px.originals(tree, "kernel")
+      >>> g
+      Array([[5., 2.]], dtype=float32)
+    """
+
+    dim: int | None = -1
+    name: str = "weight_norm"
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        if self.dim is None:
+            return tuple(range(ndim))
+        keep = normalize_axis(self.dim, ndim)
+        return tuple(a for a in range(ndim) if a != keep)
+
+    def norm(self, v: jax.Array) -> jax.Array:
+        """|v| over every axis but ``dim`` (kept as size-1 axes; a scalar for ``None``)."""
+        x = v.astype(compute_dtype(v.dtype))
+        sq = jnp.sum(jnp.abs(x) ** 2, axis=self._axes(v.ndim), keepdims=self.dim is not None)
+        return jnp.sqrt(sq).astype(v.dtype)
+
+    def forward(self, g: jax.Array, v: jax.Array) -> jax.Array:
+        dtype = v.dtype
+        x = v.astype(compute_dtype(dtype))
+        sq = jnp.sum(jnp.abs(x) ** 2, axis=self._axes(v.ndim), keepdims=self.dim is not None)
+        # torch returns NaN for a zero slice of v; here it stays zero, with finite gradients.
+        norm = jnp.sqrt(jnp.where(sq > 0, sq, jnp.ones_like(sq))).astype(x.dtype)
+        return (x * (g.astype(x.dtype) / norm)).astype(dtype)
+
+    def right_inverse(self, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.norm(w), w
+
+
+def weight_norm(tree: Any, where: Any, dim: int | None = -1) -> Any:
+    """Registers weight normalization; torch's ``weight_norm``.
+
+    The originals are ``original0 = g`` (the norms) and ``original1 = v`` (the direction),
+    initialized so that the weight is unchanged by registration, as in torch (and unlike
+    Flax's ``WeightNorm``, whose scale starts at 1).
+
+    Args:
+      tree: The tree to register on.
+      where: A path, a tuple of keys, or a predicate over key paths.
+      dim: The axis of output features (default: the last, Flax's layout); ``None`` for one
+        norm over the whole tensor. See the module notes for torch's ``dim=-1``.
+
+    Returns:
+      The new tree.
+
+    Raises:
+      IndexError: If ``dim`` is out of range for a selected tensor.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> kernel = jax.random.normal(jax.random.key(0), (4, 3))
+      >>> tree = px.weight_norm({"kernel": kernel}, "kernel")
+      >>> [x.shape for x in px.originals(tree, "kernel")]
+      [(1, 3), (4, 3)]
+      >>> bool(jnp.allclose(px.materialize(tree)["kernel"], kernel))
+      True
+    """
+    from paramx._src.register import register_parametrization
+
+    return register_parametrization(tree, where, WeightNorm(dim))
