@@ -43,7 +43,9 @@ def _normal(shape, dtype, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
     if jnp.issubdtype(dtype, jnp.complexfloating):
         real = jnp.float64 if dtype == jnp.complex128 else jnp.float32
-        return jax.lax.complex(jax.random.normal(k1, shape, real), jax.random.normal(k2, shape, real))
+        return jax.lax.complex(
+            jax.random.normal(k1, shape, real), jax.random.normal(k2, shape, real)
+        )
     return jax.random.normal(k1, shape, dtype)
 
 
@@ -267,3 +269,11 @@ def test_weight_norm_bfloat16_and_errors():
     assert_close(out, w, jnp.bfloat16)
     with pytest.raises(IndexError, match="Dimension out of range"):
         px.weight_norm({"k": w}, "k", dim=2)
+
+
+def test_weight_norm_must_come_first_in_a_chain():
+    tree = px.spectral_norm({"k": _normal((4, 3), jnp.float32)}, "k")
+    with pytest.raises(ValueError, match="only the first parametrization of a chain may take"):
+        px.weight_norm(tree, "k")
+    chained = px.spectral_norm(px.weight_norm({"k": _normal((4, 3), jnp.float32)}, "k"), "k")
+    assert px.get_parametrized(chained, "k").chain_names() == ["weight_norm", "spectral_norm"]

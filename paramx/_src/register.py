@@ -151,7 +151,16 @@ def _append(
     if not unsafe:
         y = ch.abstract(current)
         kw = ch.link_kwargs(new_params, new_state, i, p)
-        x = jax.eval_shape(lambda v, kw: pz.forward_fn(p)(v, **kw), y, kw)
+        try:
+            x = jax.eval_shape(lambda v, kw: pz.forward_fn(p)(v, **kw), y, kw)
+        except TypeError as e:
+            raise ValueError(
+                f"Parametrization {pz.display_name(p)} cannot be appended to the chain at "
+                f"{where}: calling its forward on the tensor's current value failed ({e}). A "
+                f"parametrization appended to a chain receives one tensor; only the first "
+                f"parametrization of a chain may take several originals (as in torch). Register "
+                f"it first, or on a plain leaf."
+            ) from e
         _check_forward(x, y, where)
         try:
             z = jax.eval_shape(
