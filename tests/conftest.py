@@ -1,9 +1,16 @@
 """Suite-wide settings: float64 available, strict dtype promotion, no implicit rank promotion."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -34,3 +41,18 @@ def assert_close(actual, desired, dtype=None, scale=1.0):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def run_python(*args, timeout=900):
+    """Runs ``python *args`` in a fresh interpreter at the repository root.
+
+    paramx is importable from this checkout whether or not it is installed, and none of this
+    file's settings (float64, strict promotion) leak in.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )

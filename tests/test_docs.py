@@ -1,15 +1,10 @@
 """Every public name is documented with a runnable example, and the examples run."""
 
 import inspect
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from conftest import run_python
 
 import paramx as px
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_every_public_name_has_a_docstring_with_an_example():
@@ -33,13 +28,6 @@ results = [doctest.testmod(m, optionflags=flags) for m in mods]
 print("attempted", sum(r.attempted for r in results))
 sys.exit(1 if sum(r.failed for r in results) else 0)
 """
-    run = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_python("-c", script, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert int(run.stdout.split("attempted")[-1]) > 50

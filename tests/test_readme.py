@@ -1,13 +1,9 @@
 """The README's Python examples run as written, and its two commands are where CI finds them."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+from conftest import ROOT, run_python
+
 README = (ROOT / "README.md").read_text()
 
 
@@ -15,14 +11,7 @@ def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks, "the README has no python example"
     for code in blocks:
-        run = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        run = run_python("-c", code, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
 
 
