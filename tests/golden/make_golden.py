@@ -371,10 +371,20 @@ def sn_power_case(fam: Family, module_name, dtype_name, n_iter, complex_holder=F
     assert float((uu - u.to(uu.dtype)).abs().max()) < tol, case_id
     assert float((vv - v.to(vv.dtype)).abs().max()) < tol, case_id
 
-    meta = {
+    module_label = "Holder" if complex_holder else None
+    meta = sn_meta(case_id, "power", module, shape, dtype_name, dim_arg, sn, h, w, n_iter)
+    if module_label:
+        meta["module"] = module_label
+    arrays = {"W": W, "u0": u0, "v0": v0, "u": u, "v": v, "sigma": sigma, "weight": weight}
+    fam.add(meta, arrays)
+
+
+def sn_meta(case_id, kind, module, shape, dtype_name, dim_arg, sn, h, w, n_iter) -> dict:
+    """The manifest entry shared by the spectral-norm case kinds."""
+    return {
         "id": case_id,
-        "kind": "power",
-        "module": "Holder" if complex_holder else type(module).__name__.replace("Parametrized", ""),
+        "kind": kind,
+        "module": type(module).__name__.replace("Parametrized", ""),
         "shape": list(shape),
         "dtype": dtype_name,
         "dim_arg": dim_arg,
@@ -383,8 +393,6 @@ def sn_power_case(fam: Family, module_name, dtype_name, n_iter, complex_holder=F
         "n_power_iterations": n_iter,
         "eps": SN_EPS,
     }
-    arrays = {"W": W, "u0": u0, "v0": v0, "u": u, "v": v, "sigma": sigma, "weight": weight}
-    fam.add(meta, arrays)
 
 
 def sn_registration_case(fam: Family, module_name, dtype_name, n_iter, training):
@@ -422,20 +430,8 @@ def sn_registration_case(fam: Family, module_name, dtype_name, n_iter, training)
     W_mat = sn._reshape_weight_to_matrix(W)
     sigma = torch.vdot(u, torch.mv(W_mat, v))
 
-    meta = {
-        "id": case_id,
-        "kind": "registration",
-        "module": type(module).__name__.replace("Parametrized", ""),
-        "shape": list(shape),
-        "dtype": dtype_name,
-        "dim_arg": dim_arg,
-        "dim": sn.dim,
-        "matrix_shape": [h, w],
-        "n_power_iterations": n_iter,
-        "eps": SN_EPS,
-        "training": training,
-        "total_iterations": total,
-    }
+    meta = sn_meta(case_id, "registration", module, shape, dtype_name, dim_arg, sn, h, w, n_iter)
+    meta.update(training=training, total_iterations=total)
     arrays = {
         "W": W,
         "u0": u_init,
