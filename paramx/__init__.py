@@ -4,6 +4,9 @@ Register a parametrization on a leaf of a parameter tree, train the raw original
 materialize the constrained tree at apply time. See ``docs/design.md``.
 """
 
+from paramx import interop as interop
+from paramx import linen as linen
+from paramx import nnx as nnx
 from paramx._src import serialization as _serialization  # noqa: F401  (registers with flax)
 from paramx._src.assign import assign as assign
 from paramx._src.inspect import get_parametrized as get_parametrized
@@ -13,6 +16,8 @@ from paramx._src.inspect import summary as summary
 from paramx._src.materialize import cached as cached
 from paramx._src.materialize import materialize as materialize
 from paramx._src.node import Parametrized as Parametrized
+from paramx._src.optimizer import param_labels as param_labels
+from paramx._src.optimizer import param_mask as param_mask
 from paramx._src.orthogonal import Orthogonal as Orthogonal
 from paramx._src.orthogonal import orthogonal as orthogonal
 from paramx._src.parametrization import Parametrization as Parametrization
@@ -45,6 +50,8 @@ __all__ = [
     "merge_state",
     "originals",
     "orthogonal",
+    "param_labels",
+    "param_mask",
     "path_keys",
     "register_parametrization",
     "remove_parametrizations",

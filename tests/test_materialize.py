@@ -91,7 +91,7 @@ def test_merge_state_rejects_a_foreign_state():
     tree = px.register_parametrization({"w": jnp.ones(2)}, "w", toys.RunningMax())
     params, _ = px.split_state(tree)
     with pytest.raises(ValueError, match="The state does not match the tree"):
-        px.merge_state(params, {"other": None, "w": None})
+        px.merge_state(params, {"other": {"0": jnp.ones(())}, "w": None})
 
 
 # --- caching: each parametrized tensor computed once per step ------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -52,28 +53,32 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     for i, where_s, node in paths.select_parametrized(
         tree, where, doing="there is no right_inverse to run (replace the leaf directly)"
     ):
-        state = dict(node.state)
-        x: Any = value
-        for k in reversed(range(len(node.chain))):
-            p = node.chain[k]
-            try:
-                x, state = ch.link_right_inverse(p, k, x, node.params, state)
-            except ch.NoRightInverse:
-                raise RuntimeError(
-                    f"parametrization {pz.display_name(p)} does not implement right_inverse, so "
-                    f"a value cannot be assigned to {where_s}. Give it a `right_inverse`, or "
-                    f"remove the parametrizations and register them again on the new value."
-                ) from None
-        originals = ch.check_assigned(x, node, where=where_s)
-        if not node.unsafe:
-            for k, (new, old) in enumerate(zip(originals, node.originals)):
-                if new.shape != old.shape:
-                    name = f"original{k}" if node.multi else "original"
-                    raise ValueError(
-                        f"Assigning a value may not change the shape of `{name}` unless the tensor "
-                        f"was registered with `unsafe=True`. At {where_s}: `{name}` is "
-                        f"{ch.describe(old)}, the assigned value {ch.describe(value)} gives "
-                        f"{ch.describe(new)}. Pass a value of the tensor's shape."
-                    )
-        replacements[i] = node.replace(originals=originals, state=state)
+        replacements[i] = ch.run_auto(functools.partial(_assign_one, where_s=where_s), node, value)
     return paths.replace_leaves(tree, replacements)
+
+
+def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
+    state = dict(node.state)
+    x: Any = value
+    for k in reversed(range(len(node.chain))):
+        p = node.chain[k]
+        try:
+            x, state = ch.link_right_inverse(p, k, x, node.params, state)
+        except ch.NoRightInverse:
+            raise RuntimeError(
+                f"parametrization {pz.display_name(p)} does not implement right_inverse, so "
+                f"a value cannot be assigned to {where_s}. Give it a `right_inverse`, or "
+                f"remove the parametrizations and register them again on the new value."
+            ) from None
+    originals = ch.check_assigned(x, node, where=where_s)
+    if not node.unsafe:
+        for k, (new, old) in enumerate(zip(originals, node.originals)):
+            if new.shape != old.shape:
+                name = f"original{k}" if node.multi else "original"
+                raise ValueError(
+                    f"Assigning a value may not change the shape of `{name}` unless the tensor "
+                    f"was registered with `unsafe=True`. At {where_s}: `{name}` is "
+                    f"{ch.describe(old)}, the assigned value {ch.describe(value)} gives "
+                    f"{ch.describe(new)}. Pass a value of the tensor's shape."
+                )
+    return node.replace(originals=originals, state=state)

@@ -6,12 +6,13 @@ path of the tensor; see ``shared/reference/torch-parametrize.md`` for torch's te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from paramx._src import parametrization as pz
 from paramx._src.node import Parametrized
@@ -171,3 +172,79 @@ def check_assigned(new: Any, node: Parametrized, *, where: str) -> tuple[Any, ..
                 f"`original{i}` has dtype {jnp.dtype(orig.dtype).name}. (at {where})"
             )
     return tuple(jnp.asarray(x) for x in new)
+
+
+# ----- explicit sharding -----------------------------------------------------------------------
+
+
+def explicit_axes(tree: Any) -> tuple[Any, tuple[str, ...]]:
+    """The mesh, and the explicit mesh axes, along which some array of ``tree`` is sharded.
+
+    With explicit sharding the sharding is part of an array's type (``jax.typeof(x).sharding``),
+    also under ``jit``. Returns ``(None, ())`` when no array is sharded along an explicit axis.
+    """
+    mesh, used = None, []
+    for x in jax.tree_util.tree_leaves(tree):
+        try:
+            s = jax.typeof(x).sharding
+        except TypeError:
+            continue
+        m = getattr(s, "mesh", None)
+        if m is None or m.empty or not m.explicit_axes:
+            continue
+        for entry in s.spec:
+            names = entry if isinstance(entry, tuple) else (entry,)
+            used.extend(n for n in names if n in m.explicit_axes and n not in used)
+        mesh = mesh or m
+    return (mesh, tuple(used)) if used else (None, ())
+
+
+def same_shape_shardings(inputs: Any) -> Callable[[Any, Any], Any]:
+    """An ``out_sharding`` rule for :func:`run_auto`: each output array gets the sharding of the
+    first array of ``inputs`` with its shape, or ``default`` (replicated) if there is none."""
+    leaves = jax.tree_util.tree_leaves(inputs)
+    by_shape: dict[tuple[int, ...], Any] = {}
+    for x in leaves:
+        by_shape.setdefault(tuple(np.shape(x)), jax.typeof(x).sharding)
+
+    def rule(shapes: Any, default: Any) -> Any:
+        return jax.tree_util.tree_map(lambda sd: by_shape.get(tuple(sd.shape), default), shapes)
+
+    return rule
+
+
+def run_auto(
+    fn: Callable[..., Any],
+    *args: Any,
+    out_sharding: Callable[[Any, Any], Any] | None = None,
+) -> Any:
+    """``fn(*args)``, run in auto sharding mode when ``args`` are sharded along explicit axes.
+
+    Under explicit sharding, operations such as ``A - A^T`` on a sharded matrix or a QR of
+    one do not type-check. Inside ``jax.sharding.auto_axes`` over the axes in use, the compiler
+    lays them out freely; the outputs are then resharded by ``out_sharding(shapes, replicated)``,
+    which maps the tree of output shapes to a tree of shardings (default:
+    :func:`same_shape_shardings` of ``args``). Without explicit sharding this is ``fn(*args)``.
+    """
+    mesh, axes = explicit_axes(args)
+    if not axes:
+        return fn(*args)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rule = out_sharding or same_shape_shardings(args)
+    concrete = [
+        x.sharding.mesh
+        for x in jax.tree_util.tree_leaves(args)
+        if isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and isinstance(getattr(x.sharding, "mesh", None), jax.sharding.Mesh)
+    ]
+
+    def call() -> Any:
+        probe = jax.sharding.auto_axes(fn, axes=axes, out_sharding=replicated)
+        shapes = jax.eval_shape(probe, *args)
+        return jax.sharding.auto_axes(fn, axes=axes, out_sharding=rule(shapes, replicated))(*args)
+
+    if not concrete:
+        return call()
+    with jax.set_mesh(concrete[0]):  # eager: ops on concrete arrays need the concrete mesh
+        return call()

@@ -1,17 +1,41 @@
-"""Materialization: the registered tree becomes the plain tree that `model.apply` reads."""
+"""Materialization: the registered tree becomes the plain tree that `model.apply` reads.
+
+Sharding. JAX's own sharding is the distributed engine; paramx adds no collective of its own
+(except spectral norm's optional ``axis_name``). Two cases:
+
+* Explicit sharding (``jax.make_mesh``'s default axis types in this JAX): the sharding is part
+  of each array's type, also under ``jit``. A parametrized tensor whose arrays are sharded
+  along explicit mesh axes has its chain run in auto mode over those axes
+  (``jax.sharding.auto_axes``), where the compiler may lay out a QR or a matrix exponential as
+  it likes, and its value comes out with the sharding of its original of the same shape
+  (replicated if there is none); new state keeps the sharding of the old. The gradients of the
+  originals have the originals' shardings by type. Without this, elementwise ops between
+  differently sharded operands (``A - A^T`` in ``orthogonal``) fail to type-check.
+* Auto sharding (GSPMD, the default of ``jax.sharding.Mesh``): under ``jit`` a tracer carries
+  no sharding, and XLA's propagation does not keep the originals' shardings through QR- or
+  exponential-based maps (they come out replicated or sharded otherwise). Pass
+  ``shardings=`` (the shardings of the tree you pass, e.g.
+  ``jax.tree.map(lambda x: x.sharding, params)`` taken outside ``jit``) and paramx constrains
+  each value to its original's sharding and each original to its own, which also makes the
+  gradients come back sharded like the originals. :func:`cached` does this by itself for trees
+  whose arrays span several devices.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+from jax.sharding import PartitionSpec, Sharding
 
 from paramx._src import chain as ch
-from paramx._src.node import is_node
+from paramx._src.node import Parametrized, is_node
 from paramx._src.state import merge_state
 
 
-def materialize(tree: Any, state: Any = None, *, update_state: bool = False) -> Any:
+def materialize(
+    tree: Any, state: Any = None, *, update_state: bool = False, shardings: Any = None
+) -> Any:
     """Computes every parametrized tensor; returns the plain tree ``model.apply`` expects.
 
     Pure and jit-able. The result has exactly the structure the tree had before
@@ -26,6 +50,15 @@ def materialize(tree: Any, state: Any = None, *, update_state: bool = False) -> 
         tree's nodes.
       update_state: Run each stateful link's ``update_state`` before its ``forward`` (torch's
         training mode, e.g. a power-iteration step) and return the new state.
+      shardings: Optional shardings to keep (see the module notes; needed only with auto
+        sharding under ``jit``). A tree with ``tree``'s structure down to its parametrized
+        tensors: at a plain leaf a ``jax.sharding.Sharding`` (or ``None``: no constraint); at a
+        parametrized tensor either one sharding for its value, or a ``Parametrized`` node of
+        shardings, as ``jax.tree.map(lambda x: x.sharding, tree)`` gives. From a node, the
+        value gets the sharding of its original of the same shape (none if no original has
+        that shape), and the originals and the links' ``params`` are constrained to theirs, so
+        their gradients come back with those shardings. Nodes that hold state shardings (take
+        the shardings of the merged tree) also keep them for the new state.
 
     Returns:
       The plain tree; with ``update_state=True``, the pair ``(plain_tree, new_state)``, where
@@ -40,22 +73,121 @@ def materialize(tree: Any, state: Any = None, *, update_state: bool = False) -> 
       ...     px.Parametrization(forward=jnp.tanh, right_inverse=jnp.arctanh))
       >>> jax.jit(px.materialize)(tree)
       {'params': {'w': Array([ 0.5, -0.5], dtype=float32)}}
+      >>> shardings = jax.tree.map(lambda x: x.sharding, tree)  # outside jit
+      >>> plain = jax.jit(lambda t: px.materialize(t, shardings=shardings))(tree)
+      >>> plain["params"]["w"].sharding == tree["params"]["w"].original.sharding
+      True
     """
+    targets = None if shardings is None else _sharding_targets(tree, shardings)
     if state is not None:
         tree = merge_state(tree, state)
-    if not update_state:
-        return jax.tree_util.tree_map(
-            lambda x: ch.node_value(x)[0] if is_node(x) else x, tree, is_leaf=is_node
-        )
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_node)
+    if targets is None:
+        targets = [None] * len(leaves)
     values, states = [], []
-    for leaf in leaves:
-        value, new = ch.node_value(leaf, update_state=True) if is_node(leaf) else (leaf, None)
+    for leaf, target in zip(leaves, targets):
+        if is_node(leaf):
+            value, new = _node_value(leaf, target, update_state)
+        else:
+            value, new = _constrain(leaf, target), None
         values.append(value)
         states.append(new)
     plain = jax.tree_util.tree_unflatten(treedef, values)
-    new_state = jax.tree_util.tree_unflatten(treedef, states)
-    return plain, new_state
+    if not update_state:
+        return plain
+    return plain, jax.tree_util.tree_unflatten(treedef, states)
+
+
+# ----- sharding --------------------------------------------------------------------------------
+
+
+def _sharding_targets(tree: Any, shardings: Any) -> list[Any]:
+    """``shardings`` cut at ``tree``'s leaves, a parametrized tensor counting as one leaf."""
+    treedef = jax.tree_util.tree_structure(tree, is_leaf=is_node)
+    try:
+        return treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "`shardings` does not match the tree: give the shardings of the tree you pass "
+            "(`jax.tree.map(lambda x: x.sharding, tree)`, taken outside jit), with one sharding "
+            f"or None per plain leaf and per parametrized tensor or its node. ({e})"
+        ) from None
+
+
+def _constrain(x: Any, s: Any) -> Any:
+    if s is None or not ch.is_array(x) or isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if not isinstance(s, (Sharding, PartitionSpec)):
+        raise ValueError(
+            f"`shardings` holds a {ch.type_name(s)} where a jax.sharding.Sharding, a "
+            f"PartitionSpec or None is expected."
+        )
+    mesh = getattr(s, "mesh", None)
+    if mesh is not None and not mesh.empty and mesh.explicit_axes:
+        return jax.sharding.reshard(x, s)  # explicit axes: the sharding is part of the type
+    return jax.lax.with_sharding_constraint(x, s)
+
+
+def _constrain_tree(xs: Any, ss: Any) -> Any:
+    """Constrains each array of ``xs`` to the matching entry of ``ss`` (None: left alone)."""
+    try:
+        flat_s = jax.tree_util.tree_structure(xs).flatten_up_to(ss)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "`shardings` holds a node whose `params` or `state` do not match the tree's: take "
+            f"the shardings from the same registered tree. ({e})"
+        ) from None
+    flat_x, treedef = jax.tree_util.tree_flatten(xs)
+    return treedef.unflatten([_constrain(x, s) for x, s in zip(flat_x, flat_s)])
+
+
+def _value_target(target: Any, node: Parametrized, shape: tuple[int, ...]) -> Any:
+    """The sharding the value should have: the target itself, or its same-shape original's."""
+    if not isinstance(target, Parametrized):
+        return target
+    for x, s in zip(node.originals, target.originals):
+        if tuple(x.shape) == tuple(shape) and s is not None:
+            return s
+    return None
+
+
+def _same_shape_sharding(node: Parametrized, shape: tuple[int, ...]) -> Any:
+    for x in node.originals:
+        if tuple(x.shape) == tuple(shape):
+            return jax.typeof(x).sharding
+    return None
+
+
+def _node_value(node: Parametrized, target: Any, update_state: bool) -> tuple[Any, Any]:
+    if ch.explicit_axes(node)[1]:
+        return _node_value_explicit(node, target, update_state)
+    if isinstance(target, Parametrized):
+        node = node.replace(
+            originals=tuple(_constrain(x, s) for x, s in zip(node.originals, target.originals)),
+            params=_constrain_tree(node.params, target.params),
+        )
+    value, new = ch.node_value(node, update_state=update_state)
+    if update_state and isinstance(target, Parametrized) and target.state:
+        new = _constrain_tree(new, target.state)
+    return _constrain(value, _value_target(target, node, value.shape)), new
+
+
+def _node_value_explicit(node: Parametrized, target: Any, update_state: bool) -> tuple[Any, Any]:
+    """The chain run in auto mode over the explicit axes in use (see ``chain.run_auto``): the
+    value gets its target's or its same-shape original's sharding, new state the old one's."""
+
+    def run(n: Parametrized) -> tuple[Any, Any]:
+        return ch.node_value(n, update_state=update_state)
+
+    def out_sharding(shapes: Any, replicated: Any) -> Any:
+        value_shape = shapes[0].shape
+        value_s = _value_target(target, node, value_shape)
+        if value_s is None:
+            value_s = _same_shape_sharding(node, value_shape) or replicated
+        state_s = jax.tree_util.tree_map(lambda x: jax.typeof(x).sharding, node.state)
+        return value_s, state_s
+
+    return ch.run_auto(run, node, out_sharding=out_sharding)
 
 
 _materialize_jit = jax.jit(materialize)
@@ -77,7 +209,8 @@ def cached(tree: Any, state: Any = None) -> Any:
 
     Returns:
       The plain tree, computed by a jit-compiled :func:`materialize` (compiled once per tree
-      structure).
+      structure). When the tree's arrays span several devices, each value keeps the sharding
+      of its original (``materialize``'s ``shardings=`` with the tree's own shardings).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -86,4 +219,17 @@ def cached(tree: Any, state: Any = None) -> Any:
       >>> weights = px.cached(tree)              # once
       >>> outputs = [x @ weights["w"] for x in jnp.ones((3, 2))]  # many reads, no recompute
     """
-    return _materialize_jit(tree, state)
+    leaves = jax.tree_util.tree_leaves(tree)
+    concrete = [isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) for x in leaves]
+    if not any(c and len(x.sharding.device_set) > 1 for c, x in zip(concrete, leaves)):
+        return _materialize_jit(tree, state)
+    flat = tuple(x.sharding if c else None for c, x in zip(concrete, leaves))
+    return _materialize_sharded_jit(tree, state, flat)
+
+
+def _materialize_sharded(tree: Any, state: Any, flat_shardings: tuple[Any, ...]) -> Any:
+    shardings = jax.tree_util.tree_structure(tree).unflatten(flat_shardings)
+    return materialize(tree, state, shardings=shardings)
+
+
+_materialize_sharded_jit = jax.jit(_materialize_sharded, static_argnums=2)

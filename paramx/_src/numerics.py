@@ -21,3 +21,12 @@ def normalize_axis(dim: int, ndim: int) -> int:
             f"got {dim})"
         )
     return dim % ndim
+
+
+def missing_state(name: str, what: str) -> ValueError:
+    """The error for a stateful parametrization read from a tree that has no state."""
+    return ValueError(
+        f"{name} needs its state ({what}) but the tree it reads has none. Give the state "
+        f"half too: `paramx.materialize(params, state)`; with paramx.linen, the state is "
+        f"`variables['paramx_state']`."
+    )

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src.numerics import compute_dtype
+from paramx._src.numerics import compute_dtype, missing_state
 
 _MAPS = ("matrix_exp", "cayley", "householder")
 
@@ -191,6 +191,8 @@ class Orthogonal:
             q = (linalg.expm_skew if name == "matrix_exp" else linalg.cayley)(a)[..., :k]
         if state is not None:
             q = state["base"].astype(q.dtype) @ q
+        elif self.use_trivialization:
+            raise missing_state("orthogonal", "the base")
         if flip:
             q = _mT(q)
         return q.astype(dtype)

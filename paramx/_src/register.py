@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -78,14 +79,13 @@ def register_parametrization(
         path, leaf = leaves[i]
         where_s = paths.format_path(path)
         leaf_key = jax.random.fold_in(key, zlib.crc32(where_s.encode()) & 0x7FFFFFFF)
-        if is_node(leaf):
-            replacements[i] = _append(
-                leaf, parametrization, unsafe=unsafe, key=leaf_key, where=where_s
-            )
-        else:
-            replacements[i] = _first(
-                leaf, parametrization, unsafe=unsafe, key=leaf_key, where=where_s
-            )
+        step = _append if is_node(leaf) else _first
+        # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
+        # otherwise); the new node's arrays keep their inputs' shardings.
+        work = functools.partial(
+            step, p=parametrization, unsafe=unsafe, key=leaf_key, where=where_s
+        )
+        replacements[i] = ch.run_auto(work, leaf)
     return paths.replace_leaves(tree, replacements)
 
 

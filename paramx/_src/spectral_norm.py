@@ -16,9 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src.numerics import compute_dtype, normalize_axis
+from paramx._src.numerics import compute_dtype, missing_state, normalize_axis
 
-_WARMUP_ITERATIONS = 15  # torch runs 15 power iterations when the parametrization is built
+_WARMUP_ITERATIONS = 15
+# torch runs 15 power iterations when the parametrization is built
 
 
 def _normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -104,6 +105,8 @@ class SpectralNorm:
 
     def forward(self, w: jax.Array, *, params: Any, state: Any) -> jax.Array:
         if state is None:  # 1-D: plain L2 normalization
+            if w.ndim > 1:
+                raise missing_state("spectral_norm", "u and v")
             return _normalize(w.astype(compute_dtype(w.dtype)), self.eps).astype(w.dtype)
         mat = self.matrix(w).astype(state["u"].dtype)
         sigma = jnp.vdot(state["u"], mat @ state["v"])

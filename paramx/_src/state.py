@@ -7,10 +7,13 @@ links' states keyed by link position (``{'0': {'u': ..., 'v': ...}}``), every ot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+from jax.tree_util import GetAttrKey
 
+from paramx._src import paths
 from paramx._src.node import is_node
 
 
@@ -60,12 +63,21 @@ def split_state(tree: Any) -> tuple[Any, Any]:
 def merge_state(params: Any, state: Any) -> Any:
     """Puts a state half back into the trainable half; the inverse of :func:`split_state`.
 
+    Each node takes the state found at its own path in ``state``. Two layouts are accepted:
+    the mirror that :func:`split_state` and :func:`paramx.materialize` return (``None`` at
+    plain leaves), and the sparse nested dict of a Flax collection (only the parametrized
+    paths, as ``paramx.linen`` stores it in ``'paramx_state'``).
+
     Args:
       params: The trainable half (or any registered tree).
-      state: A state half, as returned by :func:`split_state` or :func:`paramx.materialize`.
+      state: A state half, in either layout.
 
     Returns:
       A registered tree whose nodes hold ``state``.
+
+    Raises:
+      ValueError: If ``state`` has entries at paths where ``params`` has no parametrized
+        tensor.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -75,16 +87,70 @@ def merge_state(params: Any, state: Any) -> Any:
       >>> px.merge_state(params, state)["w"].chain_names()
       ['tanh']
     """
+    if state is None:
+        return params
+    _check_layout(params, state, ())
 
-    def put(x: Any, s: Any) -> Any:
+    def put(path: Any, x: Any) -> Any:
         if not is_node(x):
             return x
-        return x.replace(state=dict(s) if s else {})
+        found = _lookup(state, path)
+        return x.replace(state=dict(found) if found else {})
 
-    try:
-        return jax.tree_util.tree_map(put, params, state, is_leaf=is_node)
-    except ValueError as e:
+    return jax.tree_util.tree_map_with_path(put, params, is_leaf=is_node)
+
+
+_MISSING = object()
+
+
+def _child(tree: Any, key: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return tree.get(key, _MISSING)
+    if isinstance(tree, list | tuple) and isinstance(key, int):
+        return tree[key] if -len(tree) <= key < len(tree) else _MISSING
+    return _MISSING
+
+
+def _lookup(state: Any, path: Any) -> Any:
+    for k in path:
+        if isinstance(k, GetAttrKey):
+            state = getattr(state, k.name, None)
+        else:
+            found = _child(state, paths.path_keys((k,))[0])
+            state = None if found is _MISSING else found
+        if state is None:
+            return None
+    return state
+
+
+def _check_layout(params: Any, state: Any, at: tuple) -> None:
+    if state is None or is_node(params):
+        return
+    if isinstance(state, Mapping):
+        items = list(state.items())
+    elif isinstance(state, list | tuple):
+        items = list(enumerate(state))
+    elif hasattr(state, "shape"):
+        items = None
+    else:
+        return  # another container type: matched by path in `merge_state`
+    if items is None or not isinstance(params, Mapping | list | tuple):
+        where = "/".join(map(str, at)) or "<root>"
         raise ValueError(
-            "The state does not match the tree: give the state half that `split_state` or "
-            f"`materialize` returned for a tree with these paths. ({e})"
-        ) from None
+            f"The state does not match the tree: it has an entry at {where}, where the tree has "
+            f"no parametrized tensor. Give the state half that `split_state` or `materialize` "
+            f"returned for this tree (or, with paramx.linen, its 'paramx_state' collection)."
+        )
+    for k, sub in items:
+        child = _child(params, k)
+        if child is _MISSING:
+            if sub is None:
+                continue
+            where = "/".join(map(str, (*at, k)))
+            near = sorted(map(str, params.keys() if isinstance(params, Mapping) else []))[:8]
+            raise ValueError(
+                f"The state does not match the tree: it has an entry at {where}, which the tree "
+                f"does not have (the tree has {near} there). Give the state half that "
+                f"`split_state` or `materialize` returned for this tree."
+            )
+        _check_layout(child, sub, (*at, k))
