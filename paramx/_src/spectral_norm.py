@@ -5,7 +5,9 @@ flattened: the matrix is (size of ``dim``, everything else). torch's default is 
 axis 0 (axis 1 for ConvTranspose); a Flax kernel keeps output features last for Dense,
 Conv and ConvTranspose alike, so paramx's default is the last axis. A Flax Dense kernel
 (in, out) with ``dim=-1`` gives the (out, in) matrix of torch's weight, and conv kernels
-give the same matrix up to the order of its columns (same sigma, same u).
+give the same matrix up to the order of its columns (same sigma, same u). (A Flax
+ConvTranspose with ``transpose_kernel=True`` keeps its output features at axis -2: pass
+``dim=-2`` there.)
 """
 
 from __future__ import annotations
