@@ -90,14 +90,15 @@ def test_spectral_norm_power_iterations(case):
 def test_spectral_norm_registration_iteration_count(case):
     # torch: 15 iterations when built, plus k more if registered in training mode.
     p = px.SpectralNorm(case["n_power_iterations"], case["eps"], dim=case["dim"])
-    mat = p.matrix(jnp.asarray(case["W"]))
+    mt = p._matrix_t(jnp.asarray(case["W"]))  # the transposed matrix _iterate works on
+    assert np.array_equal(mt, p.matrix(jnp.asarray(case["W"])).T)
     warmup = spectral_norm_module._WARMUP_ITERATIONS  # what paramx's init runs
     assert warmup == 15
     extra = case["total_iterations"] - warmup
     state = {"u": jnp.asarray(case["u0"]), "v": jnp.asarray(case["v0"])}
-    u, v = p._iterate(mat, state["u"], state["v"], warmup)
+    u, v = p._iterate(mt, state["u"], state["v"], warmup)
     if extra:  # torch's training-mode registration ran one more forward
-        u, v = p._iterate(mat, u, v, extra)
+        u, v = p._iterate(mt, u, v, extra)
     _close(u, case["u"], case, scale=10)
     _close(v, case["v"], case, scale=10)
 

@@ -80,8 +80,9 @@ class Parametrized:
         return children, aux
 
     def tree_flatten(self):
-        children, aux = self.tree_flatten_with_keys()
-        return [c for _, c in children], aux
+        # The hot path (every jit call flattens its arguments): no key objects built here.
+        aux = (self.chain, self.multi, self.unsafe, len(self.originals))
+        return [*self.originals, self.params, self.state], aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):

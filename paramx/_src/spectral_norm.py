@@ -74,11 +74,18 @@ class SpectralNorm:
         w = jnp.moveaxis(w, self._axis(w.ndim), 0)
         return w.reshape(w.shape[0], -1)
 
-    def _iterate(self, mat: jax.Array, u: jax.Array, v: jax.Array, n: int) -> tuple:
+    def _matrix_t(self, w: jax.Array) -> jax.Array:
+        """The transpose of :meth:`matrix`, built without a copy when ``dim`` is the last axis
+        (Flax's layout): ``dim`` moved last, the rest flattened in the same order."""
+        w = jnp.moveaxis(w, self._axis(w.ndim), -1)
+        return w.reshape(-1, w.shape[-1])
+
+    def _iterate(self, mt: jax.Array, u: jax.Array, v: jax.Array, n: int) -> tuple:
+        # With mat = mt.T: mat @ v is v @ mt, and mat^H @ u is conj(mt) @ u.
         def body(_, uv):
             u, v = uv
-            u = _normalize(mat @ v, self.eps)
-            v = _normalize(jnp.conj(mat.T) @ u, self.eps)
+            u = _normalize(v @ mt, self.eps)
+            v = _normalize(jnp.conj(mt) @ u, self.eps)
             return u, v
 
         return jax.lax.fori_loop(0, n, body, (u, v))
@@ -88,18 +95,18 @@ class SpectralNorm:
         if value.ndim == 1:
             self._axis(1)
             return None, None
-        mat = self.matrix(value).astype(compute_dtype(value.dtype))
+        mt = self._matrix_t(value).astype(compute_dtype(value.dtype))
         ku, kv = jax.random.split(key)
-        u = _normalize(jax.random.normal(ku, mat.shape[:1], mat.dtype), self.eps)
-        v = _normalize(jax.random.normal(kv, mat.shape[1:], mat.dtype), self.eps)
-        u, v = self._iterate(mat, u, v, _WARMUP_ITERATIONS)
+        u = _normalize(jax.random.normal(ku, mt.shape[1:], mt.dtype), self.eps)
+        v = _normalize(jax.random.normal(kv, mt.shape[:1], mt.dtype), self.eps)
+        u, v = self._iterate(mt, u, v, _WARMUP_ITERATIONS)
         return None, {"u": u, "v": v}
 
     def update_state(self, w: jax.Array, *, params: Any, state: Any) -> Any:
         if state is None:
             return None
-        mat = self.matrix(w).astype(state["u"].dtype)
-        u, v = self._iterate(mat, state["u"], state["v"], self.n_power_iterations)
+        mt = self._matrix_t(w).astype(state["u"].dtype)
+        u, v = self._iterate(mt, state["u"], state["v"], self.n_power_iterations)
         if self.axis_name is not None:
             u = _normalize(jax.lax.pmean(u, self.axis_name), self.eps)
             v = _normalize(jax.lax.pmean(v, self.axis_name), self.eps)
@@ -110,8 +117,8 @@ class SpectralNorm:
             if w.ndim > 1:
                 raise missing_state("spectral_norm", "u and v")
             return _normalize(w.astype(compute_dtype(w.dtype)), self.eps).astype(w.dtype)
-        mat = self.matrix(w).astype(state["u"].dtype)
-        sigma = jnp.vdot(state["u"], mat @ state["v"])
+        mt = self._matrix_t(w).astype(state["u"].dtype)
+        sigma = jnp.vdot(state["u"], state["v"] @ mt)
         # torch divides by zero here; a zero weight stays zero instead.
         sigma = jnp.where(sigma == 0, jnp.ones_like(sigma), sigma)
         return (w.astype(sigma.dtype) / sigma).astype(w.dtype)

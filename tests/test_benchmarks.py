@@ -1,0 +1,44 @@
+"""The benchmark suite runs end to end at tiny sizes and writes its JSON schema.
+
+Benchmarks are not tests: nothing here checks a timing, only that ``benchmarks/run.py
+--smoke`` runs, and that its JSON has the documented fields and every JAX case family.
+"""
+
+import json
+import math
+
+from conftest import run_python
+
+FAMILIES = ("overhead", "expm", "cayley", "householder", "flax", "rnn", "compile", "memory")
+ROW_FIELDS = {"case", "paramx_s", "baseline", "baseline_s", "ratio", "goal", "met"}
+MACHINE_FIELDS = {"cpu", "cores", "python", "jax", "jaxlib", "flax", "optax", "torch", "date"}
+
+
+def test_smoke_run_writes_the_json_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "ratios.png"
+    proc = run_python("benchmarks/run.py", "--smoke", "--json", str(out), "--plot", str(plot))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert set(data) == {"rows", "machine"}
+    assert MACHINE_FIELDS <= set(data["machine"])
+    assert isinstance(data["machine"]["cores"], int)
+    rows = data["rows"]
+    assert rows
+    for r in rows:
+        assert ROW_FIELDS <= set(r), r
+        assert isinstance(r["case"], str) and isinstance(r["baseline"], str)
+        assert r["paramx_s"] > 0 and r["baseline_s"] > 0
+        assert math.isclose(r["ratio"], r["paramx_s"] / r["baseline_s"], rel_tol=1e-9)
+        if r["goal"] is None:
+            assert r["met"] is None
+        else:
+            assert r["met"] is (r["ratio"] <= r["goal"])
+    jax_cases = [r["case"] for r in rows if r.get("side") == "jax"]
+    for family in FAMILIES:
+        assert any(c.split("/")[0] == family for c in jax_cases), family
+    rnn = [r for r in rows if r["case"].startswith("rnn/") and r.get("side") == "jax"]
+    assert rnn[0]["evaluations_per_step"] == 1
+    # The table is printed progressively, one line per row.
+    for r in rows:
+        assert r["case"] in proc.stdout
