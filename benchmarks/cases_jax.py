@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _inputs import skew_inputs
 from _timing import measure, row
 
 import paramx as px
@@ -281,15 +282,8 @@ def overhead_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
 
 
 def skew(n: int, kind: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A skew matrix (``X - X^T``, scaled to 1-norm 1 for ``norm1``), a cotangent, an operand."""
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal((n, n))
-    a = x - x.T
-    if kind == "norm1":
-        a = a / np.abs(a).sum(axis=0).max()
-    c = rng.standard_normal((n, n))
-    b = rng.standard_normal((n, n))
-    return tuple(jnp.asarray(v, jnp.float32) for v in (a, c, b))
+    """``_inputs.skew_inputs`` as JAX arrays."""
+    return tuple(jnp.asarray(v) for v in skew_inputs(n, kind))
 
 
 def fwd_bwd(f: Callable[[jax.Array], jax.Array], c: jax.Array) -> Callable[[jax.Array], Any]:

@@ -63,6 +63,7 @@ from fnmatch import fnmatch
 from types import SimpleNamespace
 from typing import Any
 
+from _inputs import skew_inputs
 from _timing import block_calls, measure, row, time_block
 
 _WIDTHS = (128, 256, 512)
@@ -312,19 +313,6 @@ def _mlp_rows(cfg: SimpleNamespace, common: dict[str, Any]) -> Iterator[dict]:
 # The maps alone.
 
 
-def _skew(n: int, kind: str) -> tuple[Any, Any]:
-    """The float32 skew matrix and cotangent of the JAX expm rows (same seeds)."""
-    import numpy as np
-
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal((n, n))
-    a = x - x.T
-    if kind == "norm1":
-        a = a / np.abs(a).sum(axis=0).max()
-    c = rng.standard_normal((n, n))
-    return a.astype(np.float32), c.astype(np.float32)
-
-
 def _jax_value_and_grad(f: Callable[[Any], Any], a: Any, c: Any) -> Callable[[], object]:
     import jax
     import jax.numpy as jnp
@@ -412,7 +400,7 @@ def _map_rows(cfg: SimpleNamespace, common: dict[str, Any]) -> Iterator[dict]:
         for kind in ("norm1", "random"):
             case = f"expm/{kind}/n{n}/torch"
             if _wanted(case, cfg):
-                a, c = _skew(n, kind)
+                a, c, _ = skew_inputs(n, kind)
                 paramx_s, torch_s, ref = _measure(
                     _jax_value_and_grad(linalg.expm_skew, a, c),
                     _torch_value_and_grad(torch.linalg.matrix_exp, a, c),
@@ -430,7 +418,7 @@ def _map_rows(cfg: SimpleNamespace, common: dict[str, Any]) -> Iterator[dict]:
                 )
         case = f"cayley/n{n}/torch"
         if _wanted(case, cfg):
-            a, c = _skew(n, "random")
+            a, c, _ = skew_inputs(n, "random")
             paramx_s, torch_s, ref = _measure(
                 _jax_value_and_grad(linalg.cayley, a, c),
                 _torch_value_and_grad(_torch_cayley, a, c),

@@ -69,6 +69,9 @@ from jax.scipy.linalg import expm  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from paramx._src import linalg  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _inputs import skew_inputs  # noqa: E402
+
 
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, or what the platform module knows."""
@@ -82,18 +85,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def inputs(n: int, kind: str) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A skew matrix of the given kind, a cotangent ``c`` and a second matmul operand."""
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal((n, n))
-    a = x - x.T
-    if kind == "norm1":
-        a = a / np.abs(a).sum(axis=0).max()
-    c = rng.standard_normal((n, n))
-    b = rng.standard_normal((n, n))
-    return tuple(jnp.asarray(v, jnp.float32) for v in (a, c, b))
-
-
 def time_block(fn: Callable[..., object], args: tuple, calls: int) -> float:
     """Seconds per call over ``calls`` back-to-back calls (asynchronous dispatch)."""
     start = time.perf_counter()
@@ -104,7 +95,7 @@ def time_block(fn: Callable[..., object], args: tuple, calls: int) -> float:
 
 
 def measure(n: int, kind: str) -> dict[str, object]:
-    a, c, b = inputs(n, kind)
+    a, c, b = (jnp.asarray(v) for v in skew_inputs(n, kind))
     matmul = jax.jit(lambda x, y: x @ y)
 
     def cost(f: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], object]:
