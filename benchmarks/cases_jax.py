@@ -18,6 +18,11 @@ Families (see ``benchmarks/README.md`` for the goals):
 * ``compile/L<L>/<p>``: trace, lower and compile time of the step of an L-layer MLP, every
   kernel parametrized, against the same MLP without parametrizations (extra fields: the
   hand-inlined step's time, ``hand_inlined_s``, and ``ratio_vs_hand_inlined``).
+* ``compile/L<L>scan/<p>``: the same for the JAX way to a deep stack of equal layers,
+  ``nn.scan`` over layers with the wrapper inside the scanned layer, against the plain scanned
+  MLP (no goal: it shows how much of the unrolled figure is the unrolling).
+* ``compile/expm/n<n>``: compile time of forward + backward of paramx's matrix exponential
+  against autodiff through ``jax.scipy.linalg.expm`` (no goal).
 * ``memory/<p>/W<w>``: XLA's peak memory of the compiled step against the hand-written one
   (``paramx_s``/``baseline_s`` hold bytes in these rows: ``unit`` says so).
 """
@@ -621,6 +626,116 @@ def compile_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
         )  # fmt: skip
 
 
+class ScanLayer(nn.Module):
+    """One ``tanh(Dense(x))`` layer, its kernel parametrized by ``p`` (or plain)."""
+
+    width: int
+    p: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+        dense = nn.Dense(self.width)
+        if self.p is not None:
+            dense = px.linen.Parametrize(dense, {"kernel": self.p})
+        return jnp.tanh(dense(x)), None
+
+
+class ScanMLP(nn.Module):
+    """``layers`` copies of :class:`ScanLayer` under ``nn.scan`` over stacked parameters."""
+
+    width: int
+    layers: int
+    p: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        stack = nn.scan(
+            ScanLayer,
+            variable_axes={"params": 0, "paramx_state": 0},
+            split_rngs={"params": True},
+            length=self.layers,
+        )
+        return stack(self.width, self.p, name="layers")(x, None)[0]
+
+
+def scan_compile_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
+    """The JAX way to a deep stack of equal layers: ``nn.scan`` over layers, the wrapper
+    inside the scanned layer (each layer's kernel is materialized once per step)."""
+    layers, width = sz.compile_layers, sz.compile_width
+    opt = optax.adam(1e-3)
+    x = jnp.ones((BATCH, width))
+    reps = 1 if cfg.smoke else sz.compile_reps
+
+    def setup(p: Any) -> tuple[Callable[[], Callable[..., Any]], tuple]:
+        model = ScanMLP(width, layers, p)
+        v = model.init(jax.random.key(3), x)
+        params, rest = v["params"], {k: a for k, a in v.items() if k != "params"}
+
+        def make() -> Callable[..., Any]:
+            def step(params: Any, rest: Any, opt_state: Any) -> Any:
+                def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+                    out, new = model.apply({"params": params, **rest}, x, mutable=list(rest))
+                    return mse(out, x), new
+
+                (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                updates, opt_state = opt.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), new, opt_state, loss
+
+            return step
+
+        return make, (params, rest, opt.init(params))
+
+    plain = setup(None)
+    for name in sz.compile_params:
+        case = f"compile/L{layers}scan/{name}"
+        if not wanted(cfg, case):
+            continue
+        ours = setup(parametrization(name))
+        t_px, t_plain = [], []
+        for rep in range(reps + 1):  # the first round warms up the tracing machinery
+            pair = (compile_seconds(*ours).sum(), compile_seconds(*plain).sum())
+            if rep > 0 or reps == 1:
+                t_px.append(pair[0])
+                t_plain.append(pair[1])
+        yield row(
+            case, float(np.median(t_px)),
+            f"the same {layers}-layer nn.scan MLP step without parametrizations",
+            float(np.median(t_plain)), side="jax", unit="seconds to trace+lower+compile",
+            reps=len(t_px),
+        )  # fmt: skip
+
+
+def expm_compile_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
+    """Compile time of one matrix exponential's forward + backward: paramx's against
+    ``jax.scipy.linalg.expm``'s autodiff (what a map-by-hand would use)."""
+    n = sz.compile_width
+    case = f"compile/expm/n{n}"
+    if not wanted(cfg, case):
+        return
+    a = jnp.full((n, n), 0.01)
+    reps = 1 if cfg.smoke else sz.compile_reps
+
+    def maker(expm: Callable[[jax.Array], jax.Array]) -> Callable[[], Callable[..., Any]]:
+        def make() -> Callable[..., Any]:
+            return jax.grad(lambda a: jnp.sum(expm(a - a.T) * a))
+
+        return make
+
+    t_px, t_sp = [], []
+    for rep in range(reps + 1):
+        pair = (
+            compile_seconds(maker(linalg.expm_skew), (a,)).sum(),
+            compile_seconds(maker(jax.scipy.linalg.expm), (a,)).sum(),
+        )
+        if rep > 0 or reps == 1:
+            t_px.append(pair[0])
+            t_sp.append(pair[1])
+    yield row(
+        case, float(np.median(t_px)), "jax.scipy.linalg.expm autodiff (fwd+bwd)",
+        float(np.median(t_sp)), side="jax", unit="seconds to trace+lower+compile", reps=len(t_px),
+    )  # fmt: skip
+
+
 def peak_bytes(fn: Callable[..., Any], args: tuple) -> int:
     """XLA's peak memory estimate for ``jit(fn)(*args)``."""
     stats = jax.jit(fn).lower(*args).compile().memory_analysis()
@@ -658,4 +773,6 @@ def rows(cfg: SimpleNamespace) -> Iterator[dict]:
     yield from flax_rows(cfg, sz)
     yield from rnn_rows(cfg, sz)
     yield from compile_rows(cfg, sz)
+    yield from scan_compile_rows(cfg, sz)
+    yield from expm_compile_rows(cfg, sz)
     yield from memory_rows(cfg, sz)

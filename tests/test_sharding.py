@@ -332,6 +332,7 @@ def results():
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XLA_FLAGS", flags.strip())
+        mp.setenv("JAX_PLATFORMS", "cpu")  # 8 simulated CPU devices, also on a GPU machine
         run = run_python("-c", SCRIPT, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     [line] = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULTS ")]

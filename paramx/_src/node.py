@@ -47,7 +47,16 @@ class Parametrized:
       ((2, 2), True)
     """
 
-    __slots__ = ("chain", "multi", "originals", "params", "state", "unsafe")
+    # A node is immutable and stores exactly what ``tree_flatten`` returns: its children
+    # (the originals, then ``params`` and ``state`` when they are not empty) and its static
+    # part ``(chain, multi, unsafe, n_originals, has_params, has_state)``. Every jit call
+    # flattens its arguments and unflattens its results, in the parameters, the gradients and
+    # each optimizer moment, so both directions are a tuple hand-over and nothing else. Empty
+    # ``params`` / ``state`` (most links have neither, and ``split_state`` empties ``state`` in
+    # the trainable half) hold no leaves and are left out of the children.
+    __slots__ = ("_aux", "_children")
+
+    _FIELDS = ("originals", "chain", "params", "state", "multi", "unsafe")
 
     def __init__(
         self,
@@ -59,12 +68,37 @@ class Parametrized:
         multi: bool = False,
         unsafe: bool = False,
     ):
-        self.originals = tuple(originals)
-        self.chain = tuple(chain)
-        self.params = dict(params or {})
-        self.state = dict(state or {})
-        self.multi = multi
-        self.unsafe = unsafe
+        originals = tuple(originals)
+        params, state = dict(params or {}), dict(state or {})
+        extra = ((params,) if params else ()) + ((state,) if state else ())
+        self._children = (*originals, *extra)
+        self._aux = (tuple(chain), multi, unsafe, len(originals), bool(params), bool(state))
+
+    @property
+    def originals(self) -> tuple[Any, ...]:
+        return self._children[: self._aux[3]]
+
+    @property
+    def chain(self) -> tuple[Any, ...]:
+        return self._aux[0]
+
+    @property
+    def params(self) -> dict[str, PyTree]:
+        _, _, _, n, has_params, _ = self._aux
+        return self._children[n] if has_params else {}
+
+    @property
+    def state(self) -> dict[str, PyTree]:
+        _, _, _, n, has_params, has_state = self._aux
+        return self._children[n + has_params] if has_state else {}
+
+    @property
+    def multi(self) -> bool:
+        return self._aux[1]
+
+    @property
+    def unsafe(self) -> bool:
+        return self._aux[2]
 
     # ----- pytree protocol -------------------------------------------------------------
     def _original_names(self) -> list[str]:
@@ -73,27 +107,22 @@ class Parametrized:
         return ["original"]
 
     def tree_flatten_with_keys(self):
-        children = [(GetAttrKey(n), x) for n, x in zip(self._original_names(), self.originals)]
-        children.append((GetAttrKey("params"), self.params))
-        children.append((GetAttrKey("state"), self.state))
-        aux = (self.chain, self.multi, self.unsafe, len(self.originals))
-        return children, aux
+        names = self._original_names()
+        if self._aux[4]:
+            names.append("params")
+        if self._aux[5]:
+            names.append("state")
+        return [(GetAttrKey(n), x) for n, x in zip(names, self._children)], self._aux
 
     def tree_flatten(self):
-        # The hot path (every jit call flattens its arguments): no key objects built here.
-        aux = (self.chain, self.multi, self.unsafe, len(self.originals))
-        return [*self.originals, self.params, self.state], aux
+        # The hot path: no key objects, no new containers.
+        return self._children, self._aux
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        chain, multi, unsafe, n = aux
         node = object.__new__(cls)
-        node.originals = tuple(children[:n])
-        node.params = children[n]
-        node.state = children[n + 1]
-        node.chain = chain
-        node.multi = multi
-        node.unsafe = unsafe
+        node._children = tuple(children)
+        node._aux = aux
         return node
 
     # ----- convenience -----------------------------------------------------------------
@@ -109,7 +138,7 @@ class Parametrized:
 
     def replace(self, **changes: Any) -> Parametrized:
         """Returns a copy with some fields replaced (the node itself is never modified)."""
-        fields = {name: getattr(self, name) for name in self.__slots__}
+        fields = {name: getattr(self, name) for name in self._FIELDS}
         fields.update(changes)
         return Parametrized(
             fields["originals"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 
@@ -30,3 +31,14 @@ def missing_state(name: str, what: str) -> ValueError:
         f"half too: `paramx.materialize(params, state)`; with paramx.linen, the state is "
         f"`variables['paramx_state']`."
     )
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` at full precision.
+
+    JAX's default lets accelerators multiply float32 matrices in TF32 or bf16 passes (about 3
+    significant digits on an H100); an orthogonal map or a power iteration computed that way
+    is orthogonal, or normalized, to only about 1e-3. torch multiplies in full float32 by
+    default, and so does paramx, inside its built-ins. On CPU this changes nothing.
+    """
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src.numerics import compute_dtype, missing_state
+from paramx._src.numerics import compute_dtype, matmul, missing_state
 
 _MAPS = ("matrix_exp", "cayley", "householder")
 
@@ -74,7 +74,7 @@ def _is_orthogonal(q: jax.Array) -> jax.Array:
     """torch's test: allclose(Q^H Q, I) with atol = 10 * n * eps and rtol = 1e-5."""
     n, k = q.shape[-2:]
     eps = jnp.finfo(q.dtype).eps
-    gram = _mH(q) @ q
+    gram = matmul(_mH(q), q)
     err = jnp.abs(gram - jnp.broadcast_to(jnp.eye(k, dtype=q.dtype), gram.shape))
     return jnp.all(err <= 10.0 * n * eps + 1e-5)
 
@@ -105,12 +105,12 @@ def _householder_q(a: jax.Array) -> jax.Array:
     n, k = a.shape[-2:]
     eye = jnp.broadcast_to(jnp.eye(n, k, dtype=a.dtype), a.shape)
     v = a + eye
-    gram = _mT(v) @ v
+    gram = matmul(_mT(v), v)
     t_inv = jnp.triu(gram, 1) + jnp.diagonal(gram, axis1=-2, axis2=-1)[..., None, :] * (
         0.5 * jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), gram.shape)
     )
     w = jax.scipy.linalg.solve_triangular(t_inv, _mT(v[..., :k, :]), lower=False)
-    return eye - v @ w
+    return eye - matmul(v, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +190,7 @@ class Orthogonal:
             a = a - _mH(a)
             q = (linalg.expm_skew if name == "matrix_exp" else linalg.cayley)(a)[..., :k]
         if state is not None:
-            q = state["base"].astype(q.dtype) @ q
+            q = matmul(state["base"].astype(q.dtype), q)
         elif self.use_trivialization:
             raise missing_state("orthogonal", "the base")
         if flip:

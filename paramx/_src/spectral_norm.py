@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src.numerics import compute_dtype, missing_state, normalize_axis
+from paramx._src.numerics import compute_dtype, matmul, missing_state, normalize_axis
 
 _WARMUP_ITERATIONS = 15
 # torch runs 15 power iterations when the parametrization is built
@@ -84,8 +84,8 @@ class SpectralNorm:
         # With mat = mt.T: mat @ v is v @ mt, and mat^H @ u is conj(mt) @ u.
         def body(_, uv):
             u, v = uv
-            u = _normalize(v @ mt, self.eps)
-            v = _normalize(jnp.conj(mt) @ u, self.eps)
+            u = _normalize(matmul(v, mt), self.eps)
+            v = _normalize(matmul(jnp.conj(mt), u), self.eps)
             return u, v
 
         return jax.lax.fori_loop(0, n, body, (u, v))
@@ -118,7 +118,11 @@ class SpectralNorm:
                 raise missing_state("spectral_norm", "u and v")
             return _normalize(w.astype(compute_dtype(w.dtype)), self.eps).astype(w.dtype)
         mt = self._matrix_t(w).astype(state["u"].dtype)
-        sigma = jnp.vdot(state["u"], state["v"] @ mt)
+        # sigma = u^H W v, written as (W^H u)^H v: W^H u is the product that the last power
+        # iteration already computed (before normalizing it into v), so XLA reuses it.
+        sigma = jnp.vdot(
+            matmul(jnp.conj(mt), state["u"]), state["v"], precision=jax.lax.Precision.HIGHEST
+        )
         # torch divides by zero here; a zero weight stays zero instead.
         sigma = jnp.where(sigma == 0, jnp.ones_like(sigma), sigma)
         return (w.astype(sigma.dtype) / sigma).astype(w.dtype)
