@@ -11,14 +11,12 @@ right_inverse of the initializer's output; the state collection updated only whe
 mutable; a jitted optax loop; constraints checked after training; a msgpack checkpoint
 round trip; and exporting the plain parameters for a model without paramx.
 
-Run ``python examples/linen_training.py --help`` for options.
+Writes ``linen_training.png``, the loss curve against the loss of guessing the mean.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-
+import _util
 import flax.linen as nn
 import flax.serialization
 import jax
@@ -79,18 +77,25 @@ def adding_batch(key: jax.Array, batch: int, length: int) -> tuple[jax.Array, ja
     return jnp.stack([values, markers], axis=-1), target
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def plot(losses: list[float], baseline: float, out) -> None:
+    fig, ax = _util.figure(figsize=(6, 3.6))
+    ax.semilogy(np.arange(1, len(losses) + 1), losses, lw=0.8, label="orthogonal RNN (paramx)")
+    ax.axhline(baseline, color="k", ls="--", label="guessing the mean")
+    ax.set(title="adding problem: training loss", xlabel="step", ylabel="MSE")
+    ax.legend()
+    _util.save(fig, out, "linen_training.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _util.parser(__doc__)
     parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     parser.add_argument("--length", type=int, default=20, help="sequence length (default 20)")
     parser.add_argument("--hidden", type=int, default=32, help="hidden units (default 32)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny settings, for tests")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.length, args.hidden = 20, 8, 8
-    start = time.perf_counter()
+    timer = _util.Timer()
 
     model = AddingRNN(args.hidden)
     key = jax.random.key(args.seed)
@@ -118,13 +123,14 @@ def main() -> None:
         return optax.apply_updates(params, updates), state, opt_state, loss
 
     baseline = 1.0 / 6.0  # the loss of always predicting 1, the mean of the target
-    report = max(1, args.steps // 8)
-    for step in range(1, args.steps + 1):
+    report, losses = _util.every(args.steps, 8), []
+    for step in _util.progress(args.steps, "training", smoke=args.smoke):
         params, state, opt_state, loss = train_step(
-            params, state, opt_state, jax.random.fold_in(key, step)
+            params, state, opt_state, jax.random.fold_in(key, step + 1)
         )
-        if step % report == 0 or step == args.steps:
-            print(f"step {step:4d}  loss {float(loss):.4f}  (guessing the mean: {baseline:.4f})")
+        losses.append(float(loss))
+        if step + 1 in report:
+            print(f"step {step + 1:4d}  loss {losses[-1]:.4f}  (guessing the mean: {baseline:.4f})")
 
     # Constraints hold after training.
     plain = px.materialize(params, state)
@@ -151,12 +157,13 @@ def main() -> None:
     gap = float(jnp.max(jnp.abs(served - y_trained)))
     print(f"export: plain model vs parametrized model, max difference {gap:.1e}")
     eval_loss = float(jnp.mean((y_trained - y_eval) ** 2))
-    print(f"eval loss {eval_loss:.4f}  ({time.perf_counter() - start:.1f} s)")
+    print(f"eval loss {eval_loss:.4f}")
+    plot(losses, baseline, args.out)
     if not same or gap > 1e-5:
         raise SystemExit("checkpoint or export mismatch")
     if not args.smoke and eval_loss > 0.75 * baseline:
         raise SystemExit(f"training did not beat the baseline: {eval_loss:.4f}")
-    print("linen_training OK")
+    print(f"linen_training OK ({timer})")
 
 
 if __name__ == "__main__":

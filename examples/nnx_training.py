@@ -15,12 +15,10 @@
    to hold exactly what the optimizer wrote, and ``remove_parametrizations`` exports a
    plain NNX model that computes the same outputs.
 
-Run: ``python examples/nnx_training.py [--steps N] [--seed S] [--smoke]``
+Writes ``nnx_training.png``: the loss curve and the singular values of each kernel.
 """
 
-import argparse
-import time
-
+import _util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,11 +49,7 @@ def make_data(key, n=256):
     return x, jnp.sin(2.0 * x[:, :1]) * jnp.cos(x[:, 1:])
 
 
-def check(label, value, ok):
-    """Prints a labelled value; raises (so the script exits non-zero) if the check failed."""
-    print(f"  {label:<58} {value:.3g}" if isinstance(value, float) else f"  {label:<58} {value}")
-    if not ok:
-        raise AssertionError(f"check failed: {label}: {value}")
+check = _util.check
 
 
 def sigma(kernel):
@@ -88,7 +82,7 @@ def constrain(model, x, key):
             print(f"    {'/'.join(map(str, path)):<44} {type(var).__name__}{list(shape)}")
 
 
-def train(model, x, y, steps):
+def train(model, x, y, steps, smoke=False):
     """Adam on every nnx.Param (the originals), one nnx.jit step that reads each kernel once."""
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
@@ -102,24 +96,38 @@ def train(model, x, y, steps):
         return loss
 
     losses = []
-    for step in range(1, steps + 1):
+    show = _util.every(steps)
+    for step in _util.progress(steps, "training", smoke=smoke):
         losses.append(train_step(model, optimizer))  # no host sync per step
-        if step == 1 or step % max(1, steps // 5) == 0:
-            print(f"  step {step:5d}  loss {float(losses[-1]):.5f}")
+        if step + 1 in show:
+            print(f"  step {step + 1:5d}  loss {float(losses[-1]):.5f}")
     losses = [float(loss) for loss in losses]
     ok = bool(np.all(np.isfinite(losses))) and (steps < 2 or losses[-1] < losses[0])
     check("loss went down", f"{losses[0]:.4f} -> {losses[-1]:.4f}", ok)
-    return optimizer
+    return optimizer, losses
+
+
+def plot(model, losses, out):
+    fig, (a, b) = _util.figure(1, 2, figsize=(10, 3.6))
+    a.semilogy(np.arange(1, len(losses) + 1), losses)
+    a.set(title="training loss (MSE)", xlabel="step")
+    labels = ["l1 weight_norm", "l2 orthogonal", "l3 spectral_norm", "l4 plain"]
+    for i, (layer, label) in enumerate(zip((model.l1, model.l2, model.l3, model.l4), labels)):
+        s = np.linalg.svd(np.asarray(layer.kernel[...]), compute_uv=False)
+        b.plot(np.full(s.shape, i), s, "o", alpha=0.6, label=label)
+    b.axhline(1.0, color="gray", lw=0.8)
+    b.set(title="singular values of each kernel (eval mode)", xticks=range(4))
+    b.set_xticklabels(["l1", "l2", "l3", "l4"])
+    b.legend(fontsize=7)
+    _util.save(fig, out, "nnx_training.png")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _util.parser(__doc__)
     parser.add_argument("--steps", type=int, default=400, help="training steps (400)")
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
-    parser.add_argument("--smoke", action="store_true", help="5 steps: a quick check for tests")
     args = parser.parse_args(argv)
     steps = 5 if args.smoke else args.steps
-    start = time.perf_counter()
+    timer = _util.Timer()
 
     k_data, k_model, k_sn = jax.random.split(jax.random.key(args.seed), 3)
     x, y = make_data(k_data)
@@ -129,7 +137,7 @@ def main(argv=None):
     state_before = nnx.state(model, pnx.ParametrizationState)
 
     print(f"Training {steps} steps (adam under nnx.jit, full batch of {x.shape[0]}):")
-    optimizer = train(model, x, y, steps)
+    optimizer, losses = train(model, x, y, steps, args.smoke)
 
     print("Constraints after training (model.eval(): reads no longer update state):")
     in_training = sigma(model.l3.kernel)  # this read is in training mode: one more step
@@ -160,6 +168,8 @@ def main(argv=None):
     kept = bool(jnp.array_equal(model.l3.parametrizations["kernel"].original[...], raw))
     check("a forward leaves the raw l3 kernel as stored (flax#5576)", kept, kept)
 
+    plot(model, losses, args.out)
+
     print("Evaluation with pnx.cached() (each constrained kernel computed once):")
     with pnx.cached():
         batches = [model(xb) for xb in jnp.split(x, 4)]
@@ -174,7 +184,7 @@ def main(argv=None):
     check("classes restored, nothing parametrized", plain, plain)
     diff = float(jnp.max(jnp.abs(model(x) - y_constrained)))
     check("max |plain model - constrained model| outputs", diff, diff == 0.0)
-    print(f"nnx_training OK ({time.perf_counter() - start:.1f} s)")
+    print(f"nnx_training OK ({timer})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""Every notebook in notebooks/ executes top to bottom, and is stored with its outputs."""
+
+import pytest
+from conftest import ROOT
+
+nbformat = pytest.importorskip("nbformat")  # the [test] extra installs it; CI must not skip
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["builtins_tour.ipynb", "parametrizations_tutorial.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stored_executed(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    assert code, f"{path.name} has no code"
+    unrun = [i for i, c in enumerate(code) if c.execution_count is None]
+    assert not unrun, f"{path.name}: code cells {unrun} are stored without outputs; re-execute it"
+    counts = [c.execution_count for c in code]
+    assert counts == sorted(counts), f"{path.name} was not run top to bottom: {counts}"
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} is stored without its plots"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path):
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
