@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Constraints hold after training.
     plain = px.materialize(params, state)
-    rec = plain["rnn"]["recurrent"]
-    ortho_err = float(jnp.max(jnp.abs(rec.T @ rec - jnp.eye(args.hidden))))
+    rec = np.asarray(plain["rnn"]["recurrent"], np.float64)  # checked in float64, on the host
+    ortho_err = float(np.max(np.abs(rec.T @ rec - np.eye(args.hidden))))
     sigma = float(np.linalg.svd(np.asarray(plain["readout"]["hidden"]["kernel"]))[1][0])
     print(f"recurrent kernel: max |W^T W - I| = {ortho_err:.2e}")
     print(f"readout hidden kernel: largest singular value = {sigma:.4f} (spectral norm: ~1)")

@@ -21,7 +21,8 @@ def _tall(q):
 def orthogonality_error(q):
     q = _tall(q)
     k = q.shape[-1]
-    gram = jnp.conj(jnp.swapaxes(q, -1, -2)) @ q
+    # At full precision: on GPUs the default float32 product (TF32) would dominate the error.
+    gram = jnp.matmul(jnp.conj(jnp.swapaxes(q, -1, -2)), q, precision="highest")
     return float(jnp.max(jnp.abs(gram - jnp.broadcast_to(jnp.eye(k, dtype=q.dtype), gram.shape))))
 
 

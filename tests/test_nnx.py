@@ -404,7 +404,7 @@ def test_training_under_jit_decreases_loss_and_keeps_the_constraints():
     assert "base" not in opt_paths and "u" not in opt_paths
     model.eval()
     q = model.l2.kernel
-    assert_close(q.T @ q, jnp.eye(8, dtype=F32), scale=10)
+    assert_close(jnp.matmul(q.T, q, precision="highest"), jnp.eye(8, dtype=F32), scale=10)
     assert_close(_sigma(model.l3.kernel), 1.0, dtype=F32, scale=100)  # u, v tracked W
 
 
