@@ -11,7 +11,7 @@ import argparse
 import os
 import pathlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -71,7 +71,7 @@ def progress(steps: int, desc: str, *, smoke: bool = False) -> Iterator[int]:
     return iter(tqdm(range(steps), desc=desc, disable=quiet or None, mininterval=0.5, leave=False))
 
 
-def every(steps: int, count: int = 5) -> Iterable[int]:
+def every(steps: int, count: int = 5) -> set[int]:
     """The steps (1-based) at which to print a progress line: ``count`` of them and the last."""
     stride = max(1, steps // count)
     return {s for s in range(1, steps + 1) if s == 1 or s % stride == 0 or s == steps}
