@@ -64,9 +64,10 @@ def test_transfer_copies_nodes_to_a_fresh_tree():
     assert px.is_parametrized(only, "enc/bias") and not px.is_parametrized(only, "enc/kernel")
     assert px.transfer_parametrizations_and_params(fresh, src) is src
     wrong = {"enc": {"kernel": jnp.zeros((3, 3), jnp.float32), "bias": jnp.zeros(2, jnp.float32)}}
-    with pytest.raises(ValueError, match="the target holds float32\\[3, 3\\]"):
+    with pytest.raises(ValueError, match="the target's tensor is float32\\[3, 3\\]"):
         px.transfer_parametrizations_and_params(src, wrong, "enc/kernel")
-    with pytest.raises(ValueError, match="No leaf at path 'dec/kernel'"):
-        px.transfer_parametrizations_and_params(
-            px.register_parametrization(fresh, "dec/kernel", toys.forward_only), wrong
-        )
+    # A tensor the target lacks is created, as torch creates it on the target module (11.16).
+    dec = px.register_parametrization(fresh, "dec/kernel", toys.forward_only)
+    created = px.transfer_parametrizations_and_params(dec, wrong, "dec/kernel")
+    assert created["dec"]["kernel"] is dec["dec"]["kernel"]
+    assert "dec" not in wrong  # the input is not modified

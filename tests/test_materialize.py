@@ -211,7 +211,9 @@ def test_same_parametrizations_on_a_fresh_tree_do_not_retrace():
     assert traces["n"] == 2
 
 
-def test_no_gradient_reaches_state_even_in_an_unsplit_tree():
+def test_differentiating_an_unsplit_tree_with_state_is_refused_naming_the_path():
+    # Issue 11.1: the registered tree given to an optimizer lets weight decay shrink state.
+    # paramx refuses to differentiate state, and says to split it off.
     tree = px.register_parametrization(
         {"w": jnp.array([1.0, -2.0], jnp.float32)}, "w", toys.RunningMax()
     )
@@ -219,6 +221,14 @@ def test_no_gradient_reaches_state_even_in_an_unsplit_tree():
     def loss(t):
         return jnp.sum(px.materialize(t)["w"] ** 2)
 
-    grads = jax.grad(loss)(tree)
-    assert float(grads["w"].state["0"]) == 0.0
+    with pytest.raises(ValueError, match=r"state of the parametrized tensor at w.*split_state"):
+        jax.grad(loss)(tree)
+    with pytest.raises(ValueError, match="split_state"):
+        jax.jit(jax.grad(loss))(tree)
+    # The split halves differentiate as before: no gradient ever reaches state.
+    params, state = px.split_state(tree)
+    grads = jax.grad(lambda p: jnp.sum(px.materialize(p, state)["w"] ** 2))(params)
     assert float(jnp.sum(jnp.abs(grads["w"].original))) > 0
+    # A tree without state (stateless parametrizations) differentiates unsplit, as before.
+    plain = px.register_parametrization({"w": jnp.ones(2)}, "w", jnp.tanh)
+    assert jax.grad(lambda t: jnp.sum(px.materialize(t)["w"]))(plain)["w"].original.shape == (2,)

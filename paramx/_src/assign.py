@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from paramx._src import chain as ch
@@ -15,36 +16,37 @@ from paramx._src import paths
 def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     """Sets a parametrized tensor to ``value``; returns a new tree.
 
-    Runs every link's ``right_inverse`` in reverse order, as torch does on
-    ``module.weight = value``, and stores the resulting originals (and any state a
-    ``right_inverse`` returns, e.g. a new orthogonal base). The parametrizations' own
-    learnable arrays are kept. Unless the tensor was registered with ``unsafe=True``, the
-    originals must keep their shapes (torch does not check this; a silent shape change would
-    break optimizer state), and they always keep their dtypes, as in torch.
+        Runs every link's ``right_inverse`` in reverse order, as torch does on
+        ``module.weight = value``, and stores the resulting originals (and any state a
+        ``right_inverse`` returns, e.g. a new orthogonal base). The parametrizations' own
+        learnable arrays are kept. Unless the tensor was registered with ``unsafe=True``, the
+        originals must keep their shapes (torch does not check this; a silent shape change would
+        break optimizer state), and they always keep their dtypes, as in torch.
 
-    Args:
-      tree: A registered tree.
-      where: The path of one parametrized tensor (a string or a tuple of keys), or a
-        predicate selecting several; each gets the same value.
-      value: The new value of the tensor.
+        Args:
+          tree: A registered tree.
+          where: The path of one parametrized tensor (a string or a tuple of keys), or a
+            predicate selecting several; each gets the same value.
+          value: The new value of the tensor.
 
-    Returns:
-      The new tree.
+        Returns:
+          The new tree.
 
-    Raises:
-      RuntimeError: If a link has no ``right_inverse``. A ``NotImplementedError`` raised by a
-        ``right_inverse`` reaches you unchanged.
-      ValueError: If the tensor is not parametrized, if ``value`` has the wrong shape or dtype,
-        or if the chain returns something of the wrong type, length or dtype.
+        Raises:
+          RuntimeError: If a link has no ``right_inverse``. A ``NotImplementedError`` raised by a
+            ``right_inverse`` reaches you unchanged.
+          ValueError: If the tensor is not parametrized, if ``value`` has the wrong shape or dtype,
+            or if the chain returns something of the wrong type, length or dtype.
 
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> import paramx as px
-      >>> positive = px.Parametrization(forward=jnp.exp, right_inverse=jnp.log)
-      >>> tree = px.register_parametrization({"s": jnp.ones(2)}, "s", positive)
-      >>> tree = px.assign(tree, "s", jnp.array([2.0, 3.0]))
-      >>> px.materialize(tree)["s"]
-      Array([2., 3.], dtype=float32)
+        Examples:
+          >>> import jax
+    import jax.numpy as jnp
+          >>> import paramx as px
+          >>> positive = px.Parametrization(forward=jnp.exp, right_inverse=jnp.log)
+          >>> tree = px.register_parametrization({"s": jnp.ones(2)}, "s", positive)
+          >>> tree = px.assign(tree, "s", jnp.array([2.0, 3.0]))
+          >>> px.materialize(tree)["s"]
+          Array([2., 3.], dtype=float32)
     """
     if not ch.is_array(value):
         raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")
@@ -53,24 +55,47 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     for i, where_s, node in paths.select_parametrized(
         tree, where, doing="there is no right_inverse to run (replace the leaf directly)"
     ):
-        replacements[i] = ch.run_auto(functools.partial(_assign_one, where_s=where_s), node, value)
+        with ch.at_path(where_s):
+            work = functools.partial(_assign_one, where_s=where_s)
+            replacements[i] = ch.run_auto(work, node, value)
     return paths.replace_leaves(tree, replacements)
 
 
 def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
-    state = dict(node.state)
-    x: Any = value
-    for k in reversed(range(len(node.chain))):
-        p = node.chain[k]
-        try:
-            x, state = ch.link_right_inverse(p, k, x, node.params, state)
-        except ch.NoRightInverse:
-            raise RuntimeError(
-                f"parametrization {pz.display_name(p)} does not implement right_inverse, so "
-                f"a value cannot be assigned to {where_s}. Give it a `right_inverse`, or "
-                f"remove the parametrizations and register them again on the new value."
-            ) from None
-    originals = ch.check_assigned(x, node, where=where_s)
+    n_stack = ch.stack_axes(node, where_s)
+
+    def one(originals: Any, params: dict, state: dict, value: Any) -> tuple[Any, dict]:
+        x: Any = value
+        state = dict(state)
+        for k in reversed(range(len(node.chain))):
+            p = node.chain[k]
+            try:
+                x, state = ch.link_right_inverse(p, k, x, params, state)
+            except ch.NoRightInverse:
+                raise RuntimeError(
+                    f"parametrization {pz.display_name(p)} does not implement right_inverse, so "
+                    f"a value cannot be assigned to {where_s}. Give it a `right_inverse`, or "
+                    f"remove the parametrizations and register them again on the new value."
+                ) from None
+        return ch.check_assigned(x, node, where=where_s), state
+
+    if n_stack and tuple(value.shape[:n_stack]) != node.batch_shape:
+        raise ValueError(
+            f"The tensor at {where_s} is a stack of shape {list(node.batch_shape)}; the assigned "
+            f"value {ch.describe(value)} must carry the same leading axes."
+        )
+    try:
+        originals, state = ch.per_tensor(one, n_stack)(
+            node.originals, node.params, node.state, value
+        )
+    except ch.NEEDS_CONCRETE:
+        if not n_stack:
+            raise
+        raise ValueError(
+            f"The tensor at {where_s} is a stack, so its right_inverse runs under jax.vmap, and "
+            f"it needs concrete values. Assign each tensor of the stack separately, or write the "
+            f"right_inverse with jnp operations only."
+        ) from None
     if not node.unsafe:
         for k, (new, old) in enumerate(zip(originals, node.originals)):
             if new.shape != old.shape:
@@ -81,4 +106,18 @@ def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
                     f"{ch.describe(old)}, the assigned value {ch.describe(value)} gives "
                     f"{ch.describe(new)}. Pass a value of the tensor's shape."
                 )
-    return node.replace(originals=originals, state=state)
+        _check_state(node.state, state, where_s)
+    event_ndims = tuple(x.ndim - n_stack for x in originals)
+    return node.replace(originals=originals, state=state, event_ndims=event_ndims)
+
+
+def _check_state(old: dict, new: dict, where_s: str) -> None:
+    """A right_inverse may renew state (an orthogonal base) but not reshape it."""
+    old_s = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), old)
+    new_s = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), new)
+    if old_s != new_s:
+        raise ValueError(
+            f"Assigning a value changed the structure, shapes or dtypes of the state of the "
+            f"tensor at {where_s} (was {old_s}, now {new_s}). A right_inverse may renew the state "
+            f"but must keep its layout; register with `unsafe=True` to allow this."
+        )

@@ -6,18 +6,32 @@ path of the tensor; see ``shared/reference/torch-parametrize.md`` for torch's te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import re
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec
 
 from paramx._src import parametrization as pz
 from paramx._src.node import Parametrized
 
 PyTree = Any
+
+
+NEEDS_CONCRETE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+"""What a function raises under tracing when it needs concrete values (Python validation)."""
 
 
 class NoRightInverse(Exception):
@@ -49,8 +63,11 @@ def run_forward(
     state: dict,
     *,
     update_state: bool = False,
+    where: str = "<tensor>",
 ) -> tuple[Any, dict]:
     """Applies the chain to the originals; returns the value and the (maybe updated) state."""
+    if state:
+        state = _refuse_state_tangents(dict(state), where)
     new_state = dict(state)
     xs: tuple[Any, ...] = tuple(originals)
     for i, p in enumerate(chain):
@@ -62,14 +79,133 @@ def run_forward(
             sg = jax.lax.stop_gradient
             new_state[str(i)] = sg(update(*sg(xs), params=sg(kw["params"]), state=kw["state"]))
             kw["state"] = new_state[str(i)]
-        xs = (pz.forward_fn(p)(*xs, **kw),)
+        fwd = pz.forward_fn(p)
+        try:
+            out = fwd(*xs, **kw)
+        except TypeError as e:
+            if not _binds(fwd, len(xs), kw):
+                raise TypeError(
+                    f"The forward of parametrization {pz.display_name(p)} (link {i} of the "
+                    f"chain) cannot be called with {len(xs)} tensor(s)"
+                    f"{' and the keywords params=, state=' if kw else ''} ({e}). The first "
+                    f"link of a chain receives every original (weight norm's g and v: two); "
+                    f"later links receive one tensor; a parametrization with `init` also "
+                    f"receives `params=` and `state=`."
+                ) from e
+            raise
+        xs = (out,)
     return xs[0], new_state
 
 
-def node_value(node: Parametrized, *, update_state: bool = False) -> tuple[Any, dict]:
-    return run_forward(
-        node.chain, node.originals, node.params, node.state, update_state=update_state
-    )
+def _binds(fn: Callable[..., Any], n: int, kw: dict) -> bool:
+    """Whether ``fn`` accepts ``n`` positional arguments and the keywords ``kw``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(*range(n), **kw)
+    except TypeError:
+        return False
+    return True
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _refuse_state_tangents(state: dict, where: str) -> dict:
+    return state
+
+
+@functools.partial(_refuse_state_tangents.defjvp, symbolic_zeros=True)
+def _refuse_state_tangents_jvp(where: str, primals: Any, tangents: Any) -> Any:
+    (state,), (tangent,) = primals, tangents
+    leaves = jax.tree_util.tree_leaves(tangent, is_leaf=lambda t: isinstance(t, SymbolicZero))
+    if not all(isinstance(t, SymbolicZero) for t in leaves):
+        raise ValueError(
+            f"The tree being differentiated holds the state of the parametrized tensor at "
+            f"{where} (power-iteration vectors, an orthogonal base, ...). State is not "
+            f"trainable: an optimizer given this tree would change it (weight decay shrinks it) "
+            f"and break the constraint silently. Split it off and differentiate the trainable "
+            f"half only: `params, state = paramx.split_state(tree)`, then `tx.init(params)` and "
+            f"`jax.grad(lambda p: loss(paramx.materialize(p, state)))(params)`. With "
+            f"paramx.linen, differentiate `variables['params']` and keep 'paramx_state' apart, "
+            f"as with 'batch_stats'."
+        )
+    return state, tangent
+
+
+def stack_axes(node: Parametrized, where: str) -> int:
+    """How many leading stack axes ``node`` has; raises if its arrays disagree."""
+    extra = [np.ndim(x) - d for x, d in zip(node.originals, node.event_ndims)]
+    if any(e != extra[0] for e in extra) or extra[0] < 0:
+        raise ValueError(
+            f"The originals of the parametrized tensor at {where} have shapes "
+            f"{[tuple(np.shape(x)) for x in node.originals]}, but were registered with "
+            f"{list(node.event_ndims)} dimensions each: they must all carry the same leading "
+            f"stack axes (or none). Restore them from a tree with the same registrations."
+        )
+    batch = node.batch_shape
+    if not batch:
+        return 0
+    for x in jax.tree_util.tree_leaves((node.originals, node.params, node.state)):
+        if tuple(np.shape(x))[: len(batch)] != batch:
+            raise ValueError(
+                f"The parametrized tensor at {where} is a stack of shape {list(batch)} (the "
+                f"leading axes of its originals), but one of its originals, params or state "
+                f"arrays has shape {list(np.shape(x))}. Every array of a stacked tensor carries "
+                f"the stack axes first, as nn.scan, nn.vmap and nnx.vmap lay them out."
+            )
+    return len(batch)
+
+
+def per_tensor(fn: Callable[..., Any], n_axes: int) -> Callable[..., Any]:
+    """``fn`` mapped over ``n_axes`` leading axes of every argument and result."""
+    for _ in range(n_axes):
+        fn = jax.vmap(fn)
+    return fn
+
+
+_PLAIN_ERRORS = (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError)
+
+
+@contextlib.contextmanager
+def at_path(where: str) -> Iterator[None]:
+    """Adds ``(at <where>)`` to errors raised inside a parametrization's functions.
+
+    Errors that already name the path pass through unchanged. The builtin exception types are
+    re-raised as the same type with the path in the message; other types (JAX's own errors,
+    a user's exception classes) get the path as a note.
+    """
+    try:
+        yield
+    except _PLAIN_ERRORS as e:
+        message = str(e)
+        if re.search(rf"(?i)\bat {re.escape(where)}(?![\w/])", message):
+            raise
+        if type(e) in _PLAIN_ERRORS:
+            new = type(e)(f"{message} (at {where})")
+            raise new.with_traceback(e.__traceback__) from e.__cause__
+        e.add_note(f"(raised for the parametrized tensor at {where})")
+        raise
+
+
+def node_value(
+    node: Parametrized, *, update_state: bool = False, where: str = "<tensor>"
+) -> tuple[Any, dict]:
+    """The value of a node (and its new state), computed per tensor of a stack."""
+    with at_path(where):
+        n_axes = stack_axes(node, where)
+
+        def run(originals: Any, params: dict, state: dict) -> tuple[Any, dict]:
+            return run_forward(
+                node.chain, originals, params, state, update_state=update_state, where=where
+            )
+
+        return per_tensor(run, n_axes)(node.originals, node.params, node.state)
+
+
+def value_shape(node: Parametrized, where: str) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a node's value, computed abstractly."""
+    return jax.eval_shape(lambda n: node_value(n, where=where)[0], node)
 
 
 def link_right_inverse(p: Any, i: int, value: Any, params: dict, state: dict) -> tuple[Any, dict]:

@@ -26,9 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec, Sharding
 
 from paramx._src import chain as ch
+from paramx._src import parametrization as pz
+from paramx._src import paths
 from paramx._src.node import Parametrized, is_node
 from paramx._src.state import merge_state
 
@@ -81,13 +84,20 @@ def materialize(
     targets = None if shardings is None else _sharding_targets(tree, shardings)
     if state is not None:
         tree = merge_state(tree, state)
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_node)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
     if targets is None:
-        targets = [None] * len(leaves)
+        targets = [None] * len(with_paths)
     values, states = [], []
-    for leaf, target in zip(leaves, targets):
+    for (path, leaf), target in zip(with_paths, targets):
         if is_node(leaf):
-            value, new = _node_value(leaf, target, update_state)
+            where = paths.format_path(path)
+            try:
+                value, new = _node_value(leaf, target, update_state, where)
+            except (ValueError, TypeError) as e:
+                if state is None:
+                    raise
+                _explain_state(leaf, where, e)
+                raise
         else:
             value, new = _constrain(leaf, target), None
         values.append(value)
@@ -96,6 +106,38 @@ def materialize(
     if not update_state:
         return plain
     return plain, jax.tree_util.tree_unflatten(treedef, states)
+
+
+def _explain_state(node: Parametrized, where: str, error: Exception) -> None:
+    """Raises a clearer error when the state given for ``node`` does not have the layout its
+    chain creates (checked only after a failure, so the usual path pays nothing)."""
+    if node.multi or node.batch_shape:
+        return
+    x = node.originals[0]
+    value = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    expected: dict[str, Any] = {}
+    for i, p in enumerate(node.chain):
+        init = pz.init_fn(p)
+        if init is None:
+            continue
+        try:
+            _, s = jax.eval_shape(init, value, jax.random.key(0))
+        except Exception:  # the explanation is best effort; the original error stands
+            return
+        if s is not None:
+            expected[str(i)] = s
+
+    def layout(tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda a: f"{jnp.dtype(a.dtype).name}{list(a.shape)}", tree)
+
+    want, got = layout(expected), layout(node.state)
+    if want != got:
+        raise ValueError(
+            f"The state given for the parametrized tensor at {where} does not fit it: expected "
+            f"{want}, got {got}. Give the state half that `split_state` or `materialize` "
+            f"returned for this tree (a state from another model or another registration does "
+            f"not fit). ({type(error).__name__}: {error})"
+        ) from error
 
 
 # ----- sharding --------------------------------------------------------------------------------
@@ -158,26 +200,28 @@ def _same_shape_sharding(node: Parametrized, shape: tuple[int, ...]) -> Any:
     return None
 
 
-def _node_value(node: Parametrized, target: Any, update_state: bool) -> tuple[Any, Any]:
+def _node_value(node: Parametrized, target: Any, update_state: bool, where: str) -> tuple[Any, Any]:
     if ch.explicit_axes(node)[1]:
-        return _node_value_explicit(node, target, update_state)
+        return _node_value_explicit(node, target, update_state, where)
     if isinstance(target, Parametrized):
         node = node.replace(
             originals=tuple(_constrain(x, s) for x, s in zip(node.originals, target.originals)),
             params=_constrain_tree(node.params, target.params),
         )
-    value, new = ch.node_value(node, update_state=update_state)
+    value, new = ch.node_value(node, update_state=update_state, where=where)
     if update_state and isinstance(target, Parametrized) and target.state:
         new = _constrain_tree(new, target.state)
     return _constrain(value, _value_target(target, node, value.shape)), new
 
 
-def _node_value_explicit(node: Parametrized, target: Any, update_state: bool) -> tuple[Any, Any]:
+def _node_value_explicit(
+    node: Parametrized, target: Any, update_state: bool, where: str
+) -> tuple[Any, Any]:
     """The chain run in auto mode over the explicit axes in use (see ``chain.run_auto``): the
     value gets its target's or its same-shape original's sharding, new state the old one's."""
 
     def run(n: Parametrized) -> tuple[Any, Any]:
-        return ch.node_value(n, update_state=update_state)
+        return ch.node_value(n, update_state=update_state, where=where)
 
     def out_sharding(shapes: Any, replicated: Any) -> Any:
         value_shape = shapes[0].shape

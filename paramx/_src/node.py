@@ -37,6 +37,10 @@ class Parametrized:
         empty in the trainable half returned by :func:`paramx.split_state`.
       multi: Whether the originals came from a sequence (torch's ``original0``, ...).
       unsafe: Whether consistency checks are skipped for this tensor (sticky, as in torch).
+      event_ndims: The number of dimensions of each original as registered, for one tensor.
+        Originals with more dimensions than this are a stack of tensors along their leading
+        axes (layers stacked by ``nn.scan``, ``nn.vmap`` or ``nnx.vmap``, or registration with
+        ``batch_axes``): the chain runs on each tensor of the stack separately.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -49,14 +53,14 @@ class Parametrized:
 
     # A node is immutable and stores exactly what ``tree_flatten`` returns: its children
     # (the originals, then ``params`` and ``state`` when they are not empty) and its static
-    # part ``(chain, multi, unsafe, n_originals, has_params, has_state)``. Every jit call
-    # flattens its arguments and unflattens its results, in the parameters, the gradients and
-    # each optimizer moment, so both directions are a tuple hand-over and nothing else. Empty
+    # part ``(chain, multi, unsafe, n_originals, has_params, has_state, event_ndims)``. Every
+    # jit call flattens its arguments and unflattens its results, in the parameters, the
+    # gradients and each optimizer moment, so both directions are a tuple hand-over. Empty
     # ``params`` / ``state`` (most links have neither, and ``split_state`` empties ``state`` in
     # the trainable half) hold no leaves and are left out of the children.
     __slots__ = ("_aux", "_children")
 
-    _FIELDS = ("originals", "chain", "params", "state", "multi", "unsafe")
+    _FIELDS = ("originals", "chain", "params", "state", "multi", "unsafe", "event_ndims")
 
     def __init__(
         self,
@@ -67,12 +71,23 @@ class Parametrized:
         *,
         multi: bool = False,
         unsafe: bool = False,
+        event_ndims: tuple[int, ...] | None = None,
     ):
         originals = tuple(originals)
         params, state = dict(params or {}), dict(state or {})
         extra = ((params,) if params else ()) + ((state,) if state else ())
+        if event_ndims is None:
+            event_ndims = tuple(len(getattr(x, "shape", ())) for x in originals)
         self._children = (*originals, *extra)
-        self._aux = (tuple(chain), multi, unsafe, len(originals), bool(params), bool(state))
+        self._aux = (
+            tuple(chain),
+            multi,
+            unsafe,
+            len(originals),
+            bool(params),
+            bool(state),
+            tuple(int(d) for d in event_ndims),
+        )
 
     @property
     def originals(self) -> tuple[Any, ...]:
@@ -84,12 +99,12 @@ class Parametrized:
 
     @property
     def params(self) -> dict[str, PyTree]:
-        _, _, _, n, has_params, _ = self._aux
+        n, has_params = self._aux[3], self._aux[4]
         return self._children[n] if has_params else {}
 
     @property
     def state(self) -> dict[str, PyTree]:
-        _, _, _, n, has_params, has_state = self._aux
+        n, has_params, has_state = self._aux[3], self._aux[4], self._aux[5]
         return self._children[n + has_params] if has_state else {}
 
     @property
@@ -99,6 +114,18 @@ class Parametrized:
     @property
     def unsafe(self) -> bool:
         return self._aux[2]
+
+    @property
+    def event_ndims(self) -> tuple[int, ...]:
+        return self._aux[6]
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """The leading axes along which this node holds a stack of tensors (``()``: one)."""
+        x = self.originals[0]
+        shape = tuple(getattr(x, "shape", ()))
+        extra = len(shape) - self.event_ndims[0]
+        return shape[:extra] if extra > 0 else ()
 
     # ----- pytree protocol -------------------------------------------------------------
     def _original_names(self) -> list[str]:
@@ -125,6 +152,22 @@ class Parametrized:
         node._aux = aux
         return node
 
+    # ----- used as an array by mistake ---------------------------------------------------
+    def _not_an_array(self) -> TypeError:
+        return TypeError(
+            f"A paramx.Parametrized node ({', '.join(self.chain_names())} on "
+            f"{', '.join(_describe(x) for x in self.originals)}) was used as an array. The "
+            f"registered tree holds raw originals: turn it into the plain tree the model reads "
+            f"with `paramx.materialize(tree)` (or `paramx.materialize(params, state)` after "
+            f"`split_state`), and give that to `model.apply`."
+        )
+
+    def __jax_array__(self) -> Any:
+        raise self._not_an_array()
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._not_an_array()
+
     # ----- convenience -----------------------------------------------------------------
     @property
     def original(self) -> Any:
@@ -147,18 +190,14 @@ class Parametrized:
             fields["state"],
             multi=fields["multi"],
             unsafe=fields["unsafe"],
+            event_ndims=fields["event_ndims"],
         )
 
     def chain_names(self) -> list[str]:
         return [pz.display_name(p) for p in self.chain]
 
     def __repr__(self) -> str:
-        def describe(x: Any) -> str:
-            shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-            if shape is None or dtype is None:
-                return repr(x)
-            return f"{jax.numpy.dtype(dtype).name}{list(shape)}"
-
+        describe = _describe
         names = self._original_names()
         parts = [f"{n}={describe(x)}" for n, x in zip(names, self.originals)]
         parts.insert(0, f"chain=[{', '.join(self.chain_names())}]")
@@ -168,7 +207,16 @@ class Parametrized:
                 parts.append(f"{label}={shown}")
         if self.unsafe:
             parts.append("unsafe=True")
+        if self.batch_shape:
+            parts.append(f"stack={list(self.batch_shape)}")
         return f"Parametrized({', '.join(parts)})"
+
+
+def _describe(x: Any) -> str:
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return repr(x)
+    return f"{jax.numpy.dtype(dtype).name}{list(shape)}"
 
 
 def is_node(x: Any) -> bool:

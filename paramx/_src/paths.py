@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from paramx._src.node import is_node
@@ -61,13 +62,77 @@ def _plain_key(k: Any) -> Any:
 
 
 def format_path(path: KeyPath) -> str:
-    """``"params/Dense_0/kernel"`` for display (never used for matching)."""
-    return "/".join(str(k) for k in path_keys(path)) or "<root>"
+    """``"params/Dense_0/kernel"`` for display (never used for matching).
+
+    When a key itself contains ``/`` (haiku's ``"mlp/~/linear_1"``), the joined string would
+    name another path, so the tuple of keys is shown instead: the form to pass back.
+    """
+    return _show_keys(path_keys(path))
+
+
+def _show_keys(keys: Sequence[Any]) -> str:
+    if any(isinstance(k, str) and ("/" in k or k == "") for k in keys):
+        return repr(tuple(keys))
+    return "/".join(str(k) for k in keys) or "<root>"
+
+
+def is_box(x: Any) -> bool:
+    """Whether ``x`` is a Flax metadata box (``nn.Partitioned``, any ``AxisMetadata``).
+
+    Boxes are recognized by their protocol (``unbox`` and ``replace_boxed``), so the core
+    needs no Flax import. They are transparent to selection: a rule on ``"kernel"`` selects the
+    boxed value, and the box is kept around whatever replaces it.
+    """
+    return callable(getattr(x, "unbox", None)) and callable(getattr(x, "replace_boxed", None))
+
+
+def _is_leaf(x: Any) -> bool:
+    return is_node(x) or is_box(x)
+
+
+def unbox(x: Any) -> tuple[Any, Any]:
+    """``(box, content)`` for a box, ``(None, x)`` for anything else."""
+    if is_box(x):
+        return x, x.unbox()
+    return None, x
+
+
+def rebox(box: Any, value: Any) -> Any:
+    return value if box is None else box.replace_boxed(value)
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[KeyPath, Any]]:
-    """Leaves of ``tree`` with their key paths; a ``Parametrized`` node counts as one leaf."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
+    """Leaves of ``tree`` with their key paths; a ``Parametrized`` node counts as one leaf, and
+    a metadata box counts as the leaf it holds (at the box's path)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0]
+    return [(path, unbox(leaf)[1]) for path, leaf in flat]
+
+
+WHERE_FORMS = (
+    "a '/'-joined path string ('params/Dense_0/kernel'), a tuple of keys "
+    "(('params', 'Dense_0', 'kernel'), for keys that contain '/'), or a predicate "
+    "(key_path, leaf) -> bool"
+)
+
+
+def check_where(where: Any) -> None:
+    """Raises ``TypeError`` unless ``where`` is one of the selector forms."""
+    if isinstance(where, str) or (callable(where) and not isinstance(where, type)):
+        return
+    if isinstance(where, (tuple, list)):
+        bad = [k for k in where if not isinstance(k, (str, int)) or isinstance(k, bool)]
+        if not bad:
+            return
+        raise TypeError(
+            f"`where` is a sequence of keys, so each key must be a str (dict key or attribute) "
+            f"or an int (list index); got {bad[0]!r} ({type(bad[0]).__name__}) in {where!r}."
+        )
+    hint = ""
+    if isinstance(where, (set, frozenset)):
+        hint = " A set has no order; to select several leaves, use a predicate."
+    elif where is None:
+        hint = " None is not a selection here; give the path of the tensor."
+    raise TypeError(f"`where` must be {WHERE_FORMS}; got {type(where).__name__}: {where!r}.{hint}")
 
 
 def _selector_keys(where: str | Sequence[Any]) -> tuple[Any, ...]:
@@ -77,7 +142,20 @@ def _selector_keys(where: str | Sequence[Any]) -> tuple[Any, ...]:
                 "An empty path selects nothing; give a path such as 'params/Dense_0/kernel'."
             )
         return tuple(where.split("/"))
+    if len(where) == 0:
+        raise ValueError("An empty tuple of keys selects nothing; give the keys of one leaf.")
     return tuple(where)
+
+
+def _call_predicate(where: Callable[..., Any], path: KeyPath, leaf: Any) -> bool:
+    out = where(path, leaf)
+    if isinstance(out, (bool, np.bool_)):
+        return bool(out)
+    raise TypeError(
+        f"The {describe_where(where)} returned {type(out).__name__} {out!r} for the leaf at "
+        f"{format_path(path)}; a selector predicate must return a Python bool (True selects "
+        f"the leaf)."
+    )
 
 
 def _key_matches(wanted: Any, actual: Any) -> bool:
@@ -97,7 +175,11 @@ def describe_where(where: Where) -> str:
         return f"predicate {getattr(where, '__name__', repr(where))}"
     if isinstance(where, str):
         return repr(where)
-    return repr("/".join(str(k) for k in where))
+    return (
+        _show_keys(tuple(where))
+        if any("/" in str(k) for k in where)
+        else repr("/".join(str(k) for k in where))
+    )
 
 
 def select(
@@ -111,12 +193,13 @@ def select(
 
     Raises ``ValueError`` naming the closest existing paths when nothing is selected.
     """
+    check_where(where)
     leaves = leaves_with_paths(tree)
     if callable(where) and not isinstance(where, str):
         hits = [
             i
             for i, (path, leaf) in enumerate(leaves)
-            if (not only_parametrized or is_node(leaf)) and where(path, leaf)
+            if (not only_parametrized or is_node(leaf)) and _call_predicate(where, path, leaf)
         ]
         if not hits:
             pool = [format_path(p) for p, leaf in leaves if not only_parametrized or is_node(leaf)]
@@ -131,13 +214,24 @@ def select(
             return [i]
 
     # Nothing matched exactly: maybe the path names a subtree, maybe it is misspelled.
-    shown = "/".join(str(k) for k in wanted)
+    shown = _show_keys(wanted)
     below = [format_path(p) for p, _ in leaves if _path_matches(wanted, p[: len(wanted)])]
     if below:
         raise ValueError(
             f"Path {shown!r} is a subtree, not a {what}: it holds {len(below)} leaves "
             f"({', '.join(below[:5])}{', ...' if len(below) > 5 else ''}). Give the path of one "
             f"leaf, or a predicate to select several."
+        )
+    joined = "/".join(str(k) for k in wanted)
+    slashed = [
+        format_path(p)
+        for p, _ in leaves
+        if "/".join(str(k) for k in path_keys(p)) == joined and format_path(p).startswith("(")
+    ]
+    if slashed:
+        raise ValueError(
+            f"No {what} at path {joined!r}: a key of the tree contains '/', so this string "
+            f"splits differently. Give the keys as a tuple: {slashed[0]}."
         )
     existing = [format_path(p) for p, _ in leaves]
     close = difflib.get_close_matches(shown, existing, n=5, cutoff=0.5)
@@ -176,9 +270,13 @@ def _listing(label: str, items: list[str], limit: int = 8) -> str:
 
 
 def replace_leaves(tree: Any, replacements: dict[int, Any]) -> Any:
-    """A new tree with the leaves at the given indices replaced; ``tree`` is not modified."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_node)
+    """A new tree with the leaves at the given indices replaced; ``tree`` is not modified.
+
+    Indices are those of :func:`leaves_with_paths`; a replaced leaf that was boxed stays in its
+    box (a value that is itself a box replaces the box).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_leaf)
     new = list(leaves)
     for i, value in replacements.items():
-        new[i] = value
+        new[i] = value if is_box(value) else rebox(unbox(leaves[i])[0], value)
     return jax.tree_util.tree_unflatten(treedef, new)

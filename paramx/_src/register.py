@@ -7,6 +7,7 @@ import zlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from paramx._src import chain as ch
 from paramx._src import parametrization as pz
@@ -23,6 +24,7 @@ def register_parametrization(
     *,
     unsafe: bool = False,
     key: jax.Array | None = None,
+    batch_axes: int = 0,
 ) -> Any:
     """Registers a parametrization on one or more leaves; returns a new tree.
 
@@ -47,6 +49,12 @@ def register_parametrization(
       key: PRNG key for parametrizations with ``init`` (e.g. spectral norm's random start).
         Each selected leaf gets its own key folded from its path. Defaults to a fixed key, so
         registration is reproducible.
+      batch_axes: How many leading axes of each selected leaf index a stack of independent
+        tensors (the layer axis of an ``nn.scan`` / ``nn.vmap`` stack). Each tensor of the stack
+        is registered, initialized (with its own key) and later computed separately: a
+        spectral norm normalizes each layer, not the whole stack. Leaves registered inside the
+        scanned or vmapped module (``paramx.linen.Parametrize`` there) are stacks already and
+        need nothing.
 
     Returns:
       The new tree.
@@ -54,7 +62,9 @@ def register_parametrization(
     Raises:
       ValueError: On a missing path (the closest existing paths are listed), on a leaf that is
         not an array, on a ``right_inverse`` returning something other than a tensor or a
-        sequence of tensors, and on a shape or dtype change without ``unsafe``.
+        sequence of tensors, or moving it to another device, and on a shape or dtype change
+        without ``unsafe``. Errors raised by the parametrization itself name the path.
+      TypeError: On a ``where`` or ``parametrization`` of the wrong type.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -71,6 +81,13 @@ def register_parametrization(
       ['symmetric', 'tanh']
     """
     pz.check_parametrization(parametrization)
+    if isinstance(unsafe, bool) is False:
+        raise TypeError(f"`unsafe` must be a bool; got {type(unsafe).__name__}: {unsafe!r}.")
+    if isinstance(batch_axes, bool) or not isinstance(batch_axes, int) or batch_axes < 0:
+        raise ValueError(
+            f"`batch_axes` must be a non-negative int (the number of leading stack axes); got "
+            f"{batch_axes!r}."
+        )
     if key is None:
         key = jax.random.key(_DEFAULT_SEED)
     leaves = paths.leaves_with_paths(tree)
@@ -79,13 +96,20 @@ def register_parametrization(
         path, leaf = leaves[i]
         where_s = paths.format_path(path)
         leaf_key = jax.random.fold_in(key, zlib.crc32(where_s.encode()) & 0x7FFFFFFF)
+        box, leaf = paths.unbox(leaf)
         step = _append if is_node(leaf) else _first
         # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
         # otherwise); the new node's arrays keep their inputs' shardings.
         work = functools.partial(
-            step, p=parametrization, unsafe=unsafe, key=leaf_key, where=where_s
+            step,
+            p=parametrization,
+            unsafe=unsafe,
+            key=leaf_key,
+            where=where_s,
+            batch_axes=batch_axes,
         )
-        replacements[i] = ch.run_auto(work, leaf)
+        with ch.at_path(where_s):
+            replacements[i] = paths.rebox(box, ch.run_auto(work, leaf))
     return paths.replace_leaves(tree, replacements)
 
 
@@ -114,64 +138,188 @@ def _check_forward(out: Any, value: Any, where: str) -> None:
     )
 
 
-def _first(leaf: Any, p: Any, *, unsafe: bool, key: jax.Array, where: str) -> Parametrized:
+def is_concrete(tree: Any) -> bool:
+    """Whether every array of ``tree`` holds a value (no tracer, no ShapeDtypeStruct)."""
+    return all(
+        not isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
+        for x in jax.tree_util.tree_leaves(tree)
+    )
+
+
+def shape_of(fn: Any, *args: Any) -> Any:
+    """``jax.eval_shape(fn, *args)``; when ``fn`` needs concrete values (ordinary Python
+    validation such as ``if not jnp.allclose(w, w.T): raise``) and the arguments are concrete,
+    ``fn(*args)`` itself, as torch runs it."""
+    try:
+        return jax.eval_shape(fn, *args)
+    except ch.NEEDS_CONCRETE:
+        if not is_concrete(args):
+            raise
+        return fn(*args)
+
+
+def _check_devices(new: Any, value: Any, where: str) -> None:
+    """torch refuses a right_inverse that moves the tensor to another device; so does paramx."""
+    if not (isinstance(value, jax.Array) and is_concrete(value)):
+        return
+    want = value.sharding.device_set
+    for x in jax.tree_util.tree_leaves(new):
+        if isinstance(x, jax.Array) and is_concrete(x) and x.sharding.device_set != want:
+            raise ValueError(
+                f"`right_inverse` may not change the device of the tensor (this holds even with "
+                f"`unsafe=True`). At {where}: the tensor is on {sorted(map(str, want))}, "
+                f"`right_inverse` returned an array on {sorted(map(str, x.sharding.device_set))}."
+                f" Move arrays inside `forward` instead, or move the tree before registering."
+            )
+
+
+def _check_batch_axes(value: Any, batch_axes: int, where: str) -> None:
+    if batch_axes > value.ndim:
+        raise ValueError(
+            f"`batch_axes={batch_axes}` asks for more stack axes than the tensor at {where} has "
+            f"({ch.describe(value)})."
+        )
+
+
+def _first(
+    leaf: Any, p: Any, *, unsafe: bool, key: jax.Array, where: str, batch_axes: int
+) -> Parametrized:
     if not ch.is_array(leaf):
         raise ValueError(
             f"The leaf at {where} is a {ch.type_name(leaf)}, not an array; only arrays can be "
             f"parametrized."
         )
     value = jax.numpy.asarray(leaf)
-    p_init, s_init = _init(p, value, key, where=where)
-    params = {} if p_init is None else {"0": p_init}
-    state = {} if s_init is None else {"0": s_init}
-    try:
-        new, state = ch.link_right_inverse(p, 0, value, params, state)
-    except (ch.NoRightInverse, NotImplementedError):
-        new = value  # torch: a missing or unimplemented right_inverse is the identity here
-    originals, multi = ch.as_originals(new, value, where=where)
-    node = Parametrized(originals, (p,), params, state, multi=multi, unsafe=unsafe)
+    _check_batch_axes(value, batch_axes, where)
+
+    def one(value: Any, key: jax.Array) -> Parametrized:
+        p_init, s_init = _init(p, value, key, where=where)
+        params = {} if p_init is None else {"0": p_init}
+        state = {} if s_init is None else {"0": s_init}
+        try:
+            new, state = ch.link_right_inverse(p, 0, value, params, state)
+        except (ch.NoRightInverse, NotImplementedError):
+            new = value  # torch: a missing or unimplemented right_inverse is the identity here
+        originals, multi = ch.as_originals(new, value, where=where)
+        _check_devices(originals, value, where)
+        return Parametrized(originals, (p,), params, state, multi=multi, unsafe=unsafe)
+
+    node = _per_tensor(one, value, key, batch_axes)
     if not unsafe:
-        out = jax.eval_shape(lambda n: ch.node_value(n)[0], node)
+        out = shape_of(lambda n: ch.node_value(n, where=where)[0], node)
         _check_forward(out, value, where)
     return node
 
 
+def _per_tensor(one: Any, value: Any, key: jax.Array, batch_axes: int) -> Parametrized:
+    """``one(value, key)``, or, for a stack, ``one`` on each tensor with its own key.
+
+    A stack is mapped with ``jax.vmap``; a parametrization whose ``right_inverse`` or ``init``
+    needs concrete values is run tensor by tensor and the results stacked.
+    """
+    if batch_axes == 0:
+        return one(value, key)
+    batch = value.shape[:batch_axes]
+    keys = jax.random.split(key, batch)
+    try:
+        return ch.per_tensor(one, batch_axes)(value, keys)
+    except ch.NEEDS_CONCRETE:
+        if not is_concrete(value):
+            raise
+    nodes = [one(value[idx], keys[idx]) for idx in np.ndindex(*batch)]
+    flat = [jax.tree_util.tree_flatten(n) for n in nodes]
+    treedef = flat[0][1]
+    if any(t != treedef for _, t in flat):
+        raise ValueError(
+            "The tensors of the stack were registered with different structures (different "
+            "numbers of originals or different state); a stack needs one structure for all."
+        )
+    stacked = [
+        jax.numpy.stack(xs).reshape(*batch, *np.shape(xs[0]))
+        for xs in zip(*(leaves for leaves, _ in flat))
+    ]
+    return jax.tree_util.tree_unflatten(treedef, stacked)
+
+
 def _append(
-    node: Parametrized, p: Any, *, unsafe: bool, key: jax.Array, where: str
+    node: Parametrized, p: Any, *, unsafe: bool, key: jax.Array, where: str, batch_axes: int
 ) -> Parametrized:
+    n_stack = ch.stack_axes(node, where)
+    if batch_axes not in (0, n_stack):
+        raise ValueError(
+            f"The tensor at {where} is already parametrized as a stack of {n_stack} leading "
+            f"axes; `batch_axes={batch_axes}` does not match. Leave `batch_axes` out when "
+            f"appending: the stack axes are the registered tensor's."
+        )
     i = len(node.chain)
     needs_value = pz.has_arrays(p) or not unsafe
-    current = ch.node_value(node)[0] if needs_value else None
-    p_init, s_init = _init(p, current, key, where=where)
+    current = ch.node_value(node, where=where)[0] if needs_value else None
+
     new_params, new_state = dict(node.params), dict(node.state)
-    if p_init is not None:
-        new_params[str(i)] = p_init
-    if s_init is not None:
-        new_state[str(i)] = s_init
-    if not unsafe:
-        y = ch.abstract(current)
-        kw = ch.link_kwargs(new_params, new_state, i, p)
-        try:
-            x = jax.eval_shape(lambda v, kw: pz.forward_fn(p)(v, **kw), y, kw)
-        except TypeError as e:
-            raise ValueError(
-                f"Parametrization {pz.display_name(p)} cannot be appended to the chain at "
-                f"{where}: calling its forward on the tensor's current value failed ({e}). A "
-                f"parametrization appended to a chain receives one tensor; only the first "
-                f"parametrization of a chain may take several originals (as in torch). Register "
-                f"it first, or on a plain leaf."
-            ) from e
-        _check_forward(x, y, where)
-        try:
-            z = jax.eval_shape(
-                lambda v, s: ch.link_right_inverse(p, i, v, new_params, s)[0], x, new_state
-            )
-        except (ch.NoRightInverse, NotImplementedError):
-            z = None
-        if z is not None:
-            what = "parametrization.right_inverse"
-            hint = "A parametrization appended to a chain must map values back to one tensor."
-            ch.check_same(z, y, producer=what, what=what, where=where, hint=hint)
-    return node.replace(
+    if pz.init_fn(p) is not None:
+
+        def init_one(value: Any, key: jax.Array) -> tuple[Any, Any]:
+            return _init(p, value, key, where=where)
+
+        if n_stack:
+            keys = jax.random.split(key, current.shape[:n_stack])
+            p_init, s_init = ch.per_tensor(init_one, n_stack)(current, keys)
+        else:
+            p_init, s_init = init_one(current, key)
+        if p_init is not None:
+            new_params[str(i)] = p_init
+        if s_init is not None:
+            new_state[str(i)] = s_init
+    new = node.replace(
         chain=(*node.chain, p), params=new_params, state=new_state, unsafe=node.unsafe or unsafe
     )
+    if not unsafe:
+        _check_appended(current, n_stack, new, p, i, where)
+    return new
+
+
+def _check_appended(
+    current: Any, n_stack: int, new: Parametrized, p: Any, i: int, where: str
+) -> None:
+    """torch's checks on an appended link: forward and right_inverse keep shape and dtype.
+
+    Run on one tensor of a stack, abstractly, or concretely when the link needs values.
+    """
+
+    def first(tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: x[(0,) * n_stack], tree)
+
+    y = first(current) if n_stack else current
+    kw = ch.link_kwargs(new.params, new.state, i, p)
+    kw = first(kw) if n_stack else kw
+    try:
+        x = shape_of(lambda v, kw: pz.forward_fn(p)(v, **kw), y, kw)
+    except TypeError as e:
+        raise ValueError(
+            f"Parametrization {pz.display_name(p)} cannot be appended to the chain at "
+            f"{where}: calling its forward on the tensor's current value failed ({e}). A "
+            f"parametrization appended to a chain receives one tensor; only the first "
+            f"parametrization of a chain may take several originals (as in torch). Register "
+            f"it first, or on a plain leaf."
+        ) from e
+    _check_forward(x, y, where)
+    params_i = first(new.params) if n_stack else new.params
+    state_i = first(new.state) if n_stack else new.state
+
+    def inverse(v: Any, s: Any) -> Any:
+        return ch.link_right_inverse(p, i, v, params_i, s)[0]
+
+    try:
+        try:
+            z = jax.eval_shape(inverse, x, state_i)
+        except ch.NEEDS_CONCRETE:
+            if not is_concrete((y, kw, state_i)):
+                raise
+            # torch runs right_inverse on the concrete value of forward; so does paramx when
+            # the right_inverse is ordinary Python validation.
+            z = inverse(pz.forward_fn(p)(y, **kw), state_i)
+    except (ch.NoRightInverse, NotImplementedError):
+        return
+    what = "parametrization.right_inverse"
+    hint = "A parametrization appended to a chain must map values back to one tensor."
+    ch.check_same(z, y, producer=what, what=what, where=where, hint=hint)

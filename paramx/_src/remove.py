@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from paramx._src import chain as ch
+from paramx._src import parametrization as pz
 from paramx._src import paths
+from paramx._src.state import merge_state
 
 
 def remove_parametrizations(
-    tree: Any, where: paths.Where, *, leave_parametrized: bool = True
+    tree: Any, where: paths.Where, *, leave_parametrized: bool = True, state: Any = None
 ) -> Any:
     """Removes the parametrizations of one or more tensors; returns a new tree.
 
@@ -25,6 +27,8 @@ def remove_parametrizations(
       where: A path, a tuple of keys, or a predicate; a predicate sees parametrized tensors
         only.
       leave_parametrized: Keep the parametrized value (True) or the original (False).
+      state: The state half, when ``tree`` is the trainable half from
+        :func:`paramx.split_state` (stateful parametrizations need it to compute the value).
 
     Returns:
       The new tree.
@@ -44,10 +48,27 @@ def remove_parametrizations(
       >>> px.remove_parametrizations(tree, "w", leave_parametrized=False)["w"]
       Array([0.       , 0.6931472], dtype=float32)
     """
+    if not isinstance(leave_parametrized, bool):
+        raise TypeError(
+            f"`leave_parametrized` must be a bool; got {type(leave_parametrized).__name__}."
+        )
+    if state is not None:
+        tree = merge_state(tree, state)
     replacements = {}
     for i, where_s, node in paths.select_parametrized(tree, where, doing="nothing to remove"):
         if leave_parametrized:
-            replacements[i] = ch.node_value(node)[0]
+            try:
+                replacements[i] = ch.node_value(node, where=where_s)[0]
+            except ValueError as e:
+                if node.state or not any(pz.init_fn(p) for p in node.chain):
+                    raise
+                raise ValueError(
+                    f"Cannot compute the parametrized value at {where_s} to leave in place: this "
+                    f"tree holds no state for it (the trainable half from `split_state`?). Pass "
+                    f"the state half: `paramx.remove_parametrizations(params, where, "
+                    f"state=state)`, or use `leave_parametrized=False` to keep the raw original. "
+                    f"({e})"
+                ) from e
         elif node.multi:
             raise ValueError(
                 f"Cannot leave unparametrized (`leave_parametrized=False`) a tensor that is "

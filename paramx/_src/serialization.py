@@ -8,8 +8,10 @@ needs a target tree with the same registrations (for example the one built from 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flax import serialization
 
 from paramx._src.node import Parametrized
@@ -26,14 +28,28 @@ def _to_state_dict(node: Parametrized) -> dict[str, Any]:
     return out
 
 
-def _from_state_dict(target: Parametrized, state: dict[str, Any]) -> Parametrized:
+def _from_state_dict(target: Parametrized, state: Any) -> Parametrized:
     names = target._original_names()
+    where = serialization.current_path().lstrip("./") or "<root>"
+    if not isinstance(state, Mapping):
+        got = (
+            f"a plain {type(state).__name__} of shape {list(np.shape(state))}"
+            if hasattr(state, "shape")
+            else f"a {type(state).__name__}"
+        )
+        raise ValueError(
+            f"Cannot restore the parametrized tensor at {where} "
+            f"({', '.join(target.chain_names())}): the saved data holds {got}, not the "
+            f"{names} of a registered tree. It was saved from a tree without this "
+            f"registration (a plain checkpoint): restore it into the plain template "
+            f"(`model.init` output) and register afterwards, or `paramx.assign` the value."
+        )
     missing = [n for n in names if n not in state]
     if missing:
         raise ValueError(
-            f"Cannot restore a parametrized tensor ({', '.join(target.chain_names())}): the "
-            f"saved data lacks {missing}; it has {sorted(state)}. Was it saved from a tree with "
-            f"the same registrations?"
+            f"Cannot restore the parametrized tensor at {where} "
+            f"({', '.join(target.chain_names())}): the saved data lacks {missing}; it has "
+            f"{sorted(state)}. Was it saved from a tree with the same registrations?"
         )
     originals = tuple(
         serialization.from_state_dict(x, state[n], name=n) for n, x in zip(names, target.originals)

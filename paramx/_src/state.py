@@ -95,9 +95,25 @@ def merge_state(params: Any, state: Any) -> Any:
         if not is_node(x):
             return x
         found = _lookup(state, path)
-        return x.replace(state=dict(found) if found else {})
+        if found is not None and not isinstance(found, Mapping):
+            raise ValueError(
+                f"The state does not match the tree: at {paths.format_path(path)} it holds a "
+                f"{type(found).__name__}, where the parametrized tensor's state is a dict keyed "
+                f"by link position ({{'0': ...}}). Give the state half that `split_state` or "
+                f"`materialize` returned for this tree."
+            )
+        return x.replace(state=thaw(found) if found else {})
 
     return jax.tree_util.tree_map_with_path(put, params, is_leaf=is_node)
+
+
+def thaw(x: Any) -> Any:
+    """Plain dicts in place of frozen mappings (``FrozenDict`` freezes the dicts put in it, so a
+    state half built inside a ``FrozenDict`` tree comes back frozen); a node's state is kept in
+    plain dicts, so its structure is the same whichever container held it."""
+    if isinstance(x, Mapping) and (type(x) is dict or callable(getattr(x, "unfreeze", None))):
+        return {k: thaw(v) for k, v in x.items()}
+    return x
 
 
 _MISSING = object()
@@ -113,7 +129,7 @@ def _child(tree: Any, key: Any) -> Any:
 
 def _lookup(state: Any, path: Any) -> Any:
     for k in path:
-        if isinstance(k, GetAttrKey):
+        if isinstance(k, GetAttrKey) and not isinstance(state, Mapping):
             state = getattr(state, k.name, None)
         else:
             found = _child(state, paths.path_keys((k,))[0])
@@ -126,6 +142,11 @@ def _lookup(state: Any, path: Any) -> Any:
 def _check_layout(params: Any, state: Any, at: tuple) -> None:
     if state is None or is_node(params):
         return
+    if paths.is_box(params):  # a Flax metadata box: look inside it (the state may be boxed too)
+        inner = state.unbox() if paths.is_box(state) else state
+        if isinstance(inner, Mapping) and set(inner) == {"value"}:
+            inner = inner["value"]
+        return _check_layout(params.unbox(), inner, at)
     if isinstance(state, Mapping):
         items = list(state.items())
     elif isinstance(state, list | tuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,8 +20,10 @@ def transfer_parametrizations_and_params(
     The torch function of the same name re-registers the same parametrization objects on
     the target module and shares the originals. Here the parametrized tensors of
     ``from_tree`` (all of them, or those ``where`` selects) are placed at the same paths of
-    ``to_tree``; arrays are immutable, so sharing them is safe. A target leaf that exists
-    must have the tensor's shape and dtype. Neither tree is modified.
+    ``to_tree``; arrays are immutable, so sharing them is safe. A target tensor that exists,
+    plain or parametrized, must have the parametrized tensor's shape and dtype; one that does
+    not exist is created (as torch creates it on the target module), with any missing dict
+    levels on its way. Neither tree is modified.
 
     Args:
       from_tree: The registered tree to copy from.
@@ -46,24 +49,56 @@ def transfer_parametrizations_and_params(
     else:
         chosen = paths.select(from_tree, where, only_parametrized=True, what="parametrized tensor")
     dst_leaves = paths.leaves_with_paths(to_tree)
-    replacements = {}
+    dst_index = {paths.path_keys(p): j for j, (p, _) in enumerate(dst_leaves)}
+    replacements, created = {}, []
     for i in chosen:
         path, node = src_leaves[i]
         where_s = paths.format_path(path)
         if not is_node(node):
             raise ValueError(f"The tensor at {where_s} of `from_tree` is not parametrized.")
-        [j] = paths.select(to_tree, paths.path_keys(path))
+        keys = paths.path_keys(path)
+        want = ch.value_shape(node, where_s)
+        j = dst_index.get(keys)
+        if j is None:
+            created.append((keys, node, where_s))
+            continue
         target = dst_leaves[j][1]
-        value = ch.node_value(node)[0]
-        if not is_node(target):
-            if not ch.is_array(target) or (
-                tuple(target.shape) != tuple(value.shape)
-                or jnp.dtype(target.dtype) != jnp.dtype(value.dtype)
-            ):
-                got = ch.describe(target) if ch.is_array(target) else ch.type_name(target)
-                raise ValueError(
-                    f"Cannot transfer the parametrization at {where_s}: the target holds {got}, "
-                    f"the parametrized tensor is {ch.describe(value)}."
-                )
+        if is_node(target):
+            got = ch.value_shape(target, where_s)
+        else:
+            got = target
+        if not ch.is_array(got) or (
+            tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype)
+        ):
+            shown = ch.describe(got) if ch.is_array(got) else f"a {ch.type_name(got)}"
+            kind = "parametrized tensor" if is_node(target) else "tensor"
+            raise ValueError(
+                f"Cannot transfer the parametrization at {where_s}: the target's {kind} is "
+                f"{shown}, the source's parametrized tensor is {ch.describe(want)}. Transfer "
+                f"between trees of the same model (or matching layers)."
+            )
         replacements[j] = node
-    return paths.replace_leaves(to_tree, replacements)
+    out = paths.replace_leaves(to_tree, replacements)
+    for keys, node, where_s in created:
+        out = _insert(out, keys, node, where_s)
+    return out
+
+
+def _insert(tree: Any, keys: tuple[Any, ...], value: Any, where_s: str) -> Any:
+    """A copy of ``tree`` with ``value`` at ``keys``, creating missing dict levels (torch's
+    transfer creates the tensor on a module that lacks it)."""
+    if not keys:
+        raise ValueError(f"Cannot create the tensor at {where_s}: the target is a leaf there.")
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, Mapping):
+        raise ValueError(
+            f"Cannot create the tensor at {where_s} in the target: on its way the target holds "
+            f"a {type(tree).__name__}, and only dicts can gain a new entry. Add the tensor to "
+            f"the target first (any array of its shape), then transfer."
+        )
+    head, rest = keys[0], keys[1:]
+    items = dict(tree.items())
+    items[head] = value if not rest else _insert(items.get(head), rest, value, where_s)
+    # the same container type back (FrozenDict stays a FrozenDict)
+    return items if type(tree) is dict else type(tree)(items)
