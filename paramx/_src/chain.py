@@ -165,6 +165,7 @@ def per_tensor(fn: Callable[..., Any], n_axes: int) -> Callable[..., Any]:
 
 
 _PLAIN_ERRORS = (ValueError, TypeError, IndexError, NotImplementedError, RuntimeError)
+_PLAIN_INITS = tuple(t.__init__ for t in _PLAIN_ERRORS)
 
 
 @contextlib.contextmanager
@@ -181,7 +182,7 @@ def at_path(where: str) -> Iterator[None]:
         message = str(e)
         if re.search(rf"(?i)\bat {re.escape(where)}(?![\w/])", message):
             raise
-        if type(e) in _PLAIN_ERRORS:
+        if type(e).__init__ in _PLAIN_INITS:  # the constructor takes one message
             new = type(e)(f"{message} (at {where})")
             raise new.with_traceback(e.__traceback__) from e.__cause__
         e.add_note(f"(raised for the parametrized tensor at {where})")

@@ -17,9 +17,10 @@ included, with a label (or a bool) in place of each array. That is the structure
 given to them as they are, built once outside ``jit`` or computed from the params by optax.
 
 A tree that still holds state (not split) gets the label ``"state"`` on its state arrays, so
-``optax.multi_transform`` refuses it until the transforms name a ``"state"`` entry (use
-``optax.set_to_zero()``: state gets zero gradients and must never be decayed).
-:func:`param_mask` leaves state out of the mask by default.
+``optax.multi_transform`` refuses it. Such a tree cannot be trained anyway: paramx refuses to
+differentiate state (an optimizer's weight decay would shrink it), so give the optimizer the
+trainable half from :func:`paramx.split_state`. :func:`param_mask` leaves state out of the mask
+by default.
 """
 
 from __future__ import annotations
