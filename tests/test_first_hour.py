@@ -110,8 +110,15 @@ def test_applying_the_registered_tree_says_to_materialize():
         tree = register(model.init(jax.random.key(0), x), "params/kernel")
         with pytest.raises(TypeError, match=r"paramx.materialize"):
             model.apply(tree, x)
+    node = tree["params"]["kernel"]
     with pytest.raises(TypeError, match=r"paramx.materialize"):
-        np.asarray(tree["params"]["kernel"])
+        np.asarray(node)
+    for use in (lambda: node + 1, lambda: x @ node, lambda: node @ x):
+        with pytest.raises(TypeError, match=r"paramx.materialize"):
+            use()
+    with pytest.raises(AttributeError, match=r"paramx.materialize.*\.shape"):
+        node.shape  # noqa: B018
+    assert not hasattr(node, "dtype")
 
 
 # ----- 14: right_inverse as ordinary Python validation --------------------------------------------

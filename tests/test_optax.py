@@ -259,13 +259,14 @@ def test_unsplit_tree_is_refused_before_an_optimizer_can_touch_state():
         variables, new_state = px.materialize(tree, update_state=True)
         return jnp.mean((model.apply(variables, x) - y) ** 2), new_state
 
-    with pytest.raises(ValueError, match=r"params/Dense_1/kernel.*split_state"):
+    with pytest.raises(ValueError, match=r"params/Dense_\d/kernel.*split_state"):
         jax.jit(jax.grad(loss_fn, has_aux=True))(tree)
     # The split halves train, and no update reaches the state.
     params, state = px.split_state(tree)
     tx = optax.adamw(1e-2, weight_decay=0.5)
     grads, new_state = jax.grad(lambda p: loss_fn(px.merge_state(p, state)), has_aux=True)(params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    with jax.numpy_dtype_promotion("standard"):  # optax's count arithmetic
+        updates, _ = tx.update(grads, tx.init(params), params)
     assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
     u_old = state["params"]["Dense_1"]["kernel"]["0"]["u"]
     assert not np.array_equal(new_state["params"]["Dense_1"]["kernel"]["0"]["u"], u_old)

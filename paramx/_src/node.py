@@ -168,6 +168,22 @@ class Parametrized:
     def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise self._not_an_array()
 
+    def _operator(self, *args: Any) -> Any:
+        raise self._not_an_array()
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _operator
+    __matmul__ = __rmatmul__ = __truediv__ = __rtruediv__ = __pow__ = __neg__ = _operator
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes a node does not have (or a property that raised
+        # AttributeError: its own message is the one to show). Array attributes get the hint.
+        attribute = getattr(type(self), name, None)
+        if isinstance(attribute, property) and attribute.fget is not None:
+            return attribute.fget(self)
+        if name in _ARRAY_ATTRIBUTES:
+            raise AttributeError(f"{self._not_an_array()} (`.{name}` was read)")
+        raise AttributeError(f"'Parametrized' object has no attribute {name!r}")
+
     # ----- convenience -----------------------------------------------------------------
     @property
     def original(self) -> Any:
@@ -210,6 +226,11 @@ class Parametrized:
         if self.batch_shape:
             parts.append(f"stack={list(self.batch_shape)}")
         return f"Parametrized({', '.join(parts)})"
+
+
+_ARRAY_ATTRIBUTES = frozenset(
+    {"shape", "dtype", "ndim", "size", "T", "mT", "astype", "reshape", "at", "sharding"}
+)
 
 
 def _describe(x: Any) -> str:
