@@ -7,9 +7,10 @@ cell, so the matrix exponential is computed once per sequence, not once per step
 by a spectral-normalized layer and a weight-normalized layer.
 
 Shows: declaring parametrizations with `paramx.linen.Parametrize`; init storing
-right_inverse of the initializer's output; the state collection updated only when it is
-mutable; a jitted optax loop; constraints checked after training; a msgpack checkpoint
-round trip; and exporting the plain parameters for a model without paramx.
+right_inverse of the initializer's output; the state updated only in a training step
+(`use_running_average=not train`, as for BatchNorm); a jitted optax loop; constraints
+checked after training; a msgpack checkpoint round trip; and exporting the plain parameters
+for a model without paramx.
 
 Writes ``linen_training.png``, the loss curve against the loss of guessing the mean.
 """
@@ -51,7 +52,7 @@ class AddingRNN(nn.Module):
     parametrized: bool = True
 
     @nn.compact
-    def __call__(self, xs):
+    def __call__(self, xs, train: bool = False):
         rnn = nn.scan(
             Cell, variable_broadcast="params", split_rngs={"params": False}, in_axes=1, out_axes=1
         )(self.hidden, name="rnn")
@@ -59,8 +60,11 @@ class AddingRNN(nn.Module):
         if self.parametrized:
             # Around the scanned cell: the orthogonal map runs once per sequence.
             rnn = px.linen.Parametrize(rnn, {"recurrent": px.Orthogonal("matrix_exp")})
+            # As for BatchNorm: spectral norm's power iteration runs in training steps only.
             readout = px.linen.Parametrize(
-                readout, {"hidden/kernel": px.SpectralNorm(), "out/kernel": px.WeightNorm()}
+                readout,
+                {"hidden/kernel": px.SpectralNorm(), "out/kernel": px.WeightNorm()},
+                use_running_average=not train,
             )
         _, hs = rnn(jnp.zeros((xs.shape[0], self.hidden), xs.dtype), xs)
         return readout(hs[:, -1])
@@ -112,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         xs, ys = adding_batch(key, args.batch, args.length)
 
         def loss_fn(params):
-            # paramx_state is mutable here: spectral norm takes one power-iteration step.
+            # A training step: spectral norm takes one power-iteration step, and the new
+            # state comes back in the mutable collection.
             pred, updated = model.apply(
-                {"params": params, "paramx_state": state}, xs, mutable=["paramx_state"]
+                {"params": params, "paramx_state": state}, xs, train=True, mutable=["paramx_state"]
             )
             return jnp.mean((pred - ys) ** 2), updated["paramx_state"]
 

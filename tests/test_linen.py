@@ -152,7 +152,7 @@ def _sn_layer(**kw):
     return px.linen.Parametrize(nn.Dense(4), {"kernel": px.SpectralNorm()}, **kw)
 
 
-def test_state_changes_only_when_its_collection_is_mutable():
+def test_state_changes_only_in_a_training_step():
     layer = _sn_layer()
     v = layer.init(jax.random.key(3), X)
     # A new kernel, so one power-iteration step moves u (after warm-up it had converged).
@@ -162,17 +162,21 @@ def test_state_changes_only_when_its_collection_is_mutable():
     u0 = v["paramx_state"]["kernel"]["0"]["u"]
     y = jax.jit(layer.apply)(v, X)
     assert y.shape == (5, 4)
-    _, upd = jax.jit(lambda v, x: layer.apply(v, x, mutable=["paramx_state"]))(v, X)
+    train = lambda v, x: layer.apply(v, x, use_running_average=False, mutable=["paramx_state"])
+    _, upd = jax.jit(train)(v, X)
     assert set(upd) == {"paramx_state"}
     assert not np.allclose(upd["paramx_state"]["kernel"]["0"]["u"], u0, atol=1e-3)
     assert np.array_equal(v["paramx_state"]["kernel"]["0"]["u"], u0)  # input untouched
 
-    frozen = _sn_layer(update_state=False)
+    frozen = _sn_layer(use_running_average=True)
     _, upd = frozen.apply(v, X, mutable=["paramx_state"])
     assert np.array_equal(upd["paramx_state"]["kernel"]["0"]["u"], u0)
 
     with pytest.raises(ValueError, match=r"immutable.*mutable=\['paramx_state'\]"):
-        _sn_layer(update_state=True).apply(v, X)
+        _sn_layer(use_running_average=False).apply(v, X)
+    # A mutable collection alone no longer means training (tests/test_linen_tools.py).
+    with pytest.raises(ValueError, match="use_running_average"):
+        layer.apply(v, X, mutable=["paramx_state"])
 
 
 def test_custom_state_collection_and_materialize_outside():
@@ -188,7 +192,9 @@ def test_custom_state_collection_and_materialize_outside():
 def test_power_iteration_converges_to_the_true_sigma_in_training():
     layer = _sn_layer()
     v = layer.init(jax.random.key(5), X)
-    step = jax.jit(lambda v: layer.apply(v, X, mutable=["paramx_state"])[1])
+    step = jax.jit(
+        lambda v: layer.apply(v, X, use_running_average=False, mutable=["paramx_state"])[1]
+    )
     for _ in range(30):
         v = {**v, **step(v)}
     w = px.materialize(v["params"], v["paramx_state"])["kernel"]
@@ -292,7 +298,10 @@ def test_training_with_optax_keeps_the_constraints():
     def step(params, state, opt):
         def loss(params):
             out, upd = model.apply(
-                {"params": params, "paramx_state": state}, xs, mutable=["paramx_state"]
+                {"params": params, "paramx_state": state},
+                xs,
+                use_running_average=False,
+                mutable=["paramx_state"],
             )
             return jnp.mean((out - ys) ** 2), upd["paramx_state"]
 
@@ -330,7 +339,7 @@ def test_same_outputs_as_flax_spectral_norm_once_converged():
     )
     v = ours.init(jax.random.key(0), X)
     v = {**v, "params": px.assign(v["params"], "kernel", kernel)}
-    y_ours, _ = ours.apply(v, X, mutable=["paramx_state"])
+    y_ours, _ = ours.apply(v, X, use_running_average=False, mutable=["paramx_state"])
     assert_close(y_ours, y_flax, scale=10)
     assert_close(y_ours, X @ (kernel / _sigma(kernel)) + v["params"]["bias"][None, :], scale=10)
     # paramx keeps the raw kernel: the stored original is what the caller gave.
@@ -368,7 +377,7 @@ def test_orbax_round_trip_into_a_freshly_built_model(tmp_path):
 
     model = build()
     v = model.init(jax.random.key(3), X)
-    _, upd = model.apply(v, X, mutable=["paramx_state"])
+    _, upd = model.apply(v, X, use_running_average=False, mutable=["paramx_state"])
     v = {**v, **upd}
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ckpt", v)

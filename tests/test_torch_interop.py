@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import toys
 from conftest import assert_close
+from flax import nnx
 
 import paramx as px
+import paramx.nnx as pnx
 from paramx import interop
 from paramx.interop import from_torch_state_dict, to_torch_state_dict
 
@@ -179,6 +181,56 @@ for _case in MANIFEST:
         )
 
 
+# ----- NNX twins: the same torch models read into NNX modules registered with paramx.nnx ------
+class NNXSingle(nnx.Module):
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+class NNXSequentialNet(nnx.Module):
+    """torch's SequentialNet: nnx.Sequential's `layers/0` is torch's `net.0` automatically."""
+
+    def __init__(self, rngs):
+        self.net = nnx.Sequential(
+            pnx.spectral_norm(nnx.Linear(4, 5, rngs=rngs)),
+            jnp.tanh,
+            nnx.BatchNorm(5, rngs=rngs),  # mean/var are torch's running_mean/running_var
+            pnx.weight_norm(nnx.Linear(5, 5, rngs=rngs)),
+            jnp.tanh,
+            pnx.orthogonal(nnx.Linear(5, 3, rngs=rngs)),
+            nnx.Linear(3, 2, rngs=rngs),
+        )
+
+    def __call__(self, x):
+        return self.net(x)
+
+
+def _nnx_chain(rngs):
+    layer = pnx.spectral_norm(nnx.Linear(4, 3, rngs=rngs))
+    pnx.orthogonal(layer, "kernel", "matrix_exp", use_trivialization=False)
+    return NNXSingle(pnx.spectral_norm(layer, "bias"))
+
+
+NNX_TWINS = {
+    "nnx_sequential": NNXSequentialNet,
+    "linear_spectral": lambda rngs: NNXSingle(
+        pnx.spectral_norm(nnx.Linear(5, 7, rngs=rngs), n_power_iterations=2)
+    ),
+    "chain_spectral_orthogonal": _nnx_chain,
+    "orthogonal_householder_wide_triv": lambda rngs: NNXSingle(
+        pnx.orthogonal(nnx.Linear(5, 3, rngs=rngs), orthogonal_map="householder")
+    ),
+    "orthogonal_cayley_tall_notriv": lambda rngs: NNXSingle(
+        pnx.orthogonal(
+            nnx.Linear(3, 5, rngs=rngs), orthogonal_map="cayley", use_trivialization=False
+        )
+    ),
+}
+
+
 def _setup(twin, *, abstract=True):
     """The twin's template: abstract by default (reading needs only shapes, and tracing is
     much cheaper than running the registrations); ``abstract=False`` runs them."""
@@ -196,8 +248,8 @@ def _apply(model):
 
 
 def test_every_stored_case_has_a_twin():
-    assert set(MANIFEST) <= {t.split("/")[0] for t in TWINS}
-    assert len(MANIFEST) == 26
+    assert set(MANIFEST) <= {t.split("/")[0] for t in TWINS} | set(NNX_TWINS)
+    assert len(MANIFEST) == 27
 
 
 @pytest.mark.parametrize("twin", sorted(TWINS))
@@ -461,6 +513,249 @@ def test_custom_parametrization_arrays_are_copied_by_name():
     assert_close(px.materialize(back)["fc"]["kernel"], want, jnp.float32)
 
 
+# ----- strict=False and the report (issue 11, item 17) ----------------------------------------
+def _sn_tree():
+    tree = {"fc": {"kernel": jnp.arange(6.0).reshape(3, 2) / 7, "bias": jnp.zeros(2)}}
+    return px.spectral_norm(tree, "fc/kernel", key=jax.random.key(0))
+
+
+def test_strict_false_reads_a_partial_parametrized_tensor_and_reports():
+    tree = _sn_tree()
+    sd = to_torch_state_dict(tree)
+    sd["fc.parametrizations.weight.original"] = sd["fc.parametrizations.weight.original"] * 2
+    del sd["fc.parametrizations.weight.0._u"]  # partial: the old code raised here
+    new, report = from_torch_state_dict(sd, tree, strict=False, return_report=True)
+    assert report.missing_keys == ["fc.parametrizations.weight.0._u"]
+    assert report.missing_paths == ["fc/kernel (state['0']['u'])"]
+    assert report.unexpected_keys == []
+    node = new["fc"]["kernel"]
+    np.testing.assert_array_equal(node.state["0"]["u"], tree["fc"]["kernel"].state["0"]["u"])
+    np.testing.assert_array_equal(node.original, 2 * np.asarray(tree["fc"]["kernel"].original))
+    with pytest.warns(UserWarning, match=r"0\._u"):  # without the report: a warning
+        from_torch_state_dict(sd, tree, strict=False)
+    with pytest.raises(ValueError, match=r"expected torch key 'fc.parametrizations.weight.0._u'"):
+        from_torch_state_dict(sd, tree)  # strict: missing keys, not a "mismatch"
+
+
+def test_strict_false_skips_a_parametrization_the_template_lacks_and_says_so():
+    tree = _sn_tree()
+    plain = {"fc.weight": np.ones((2, 3), np.float32), "fc.bias": np.ones(2, np.float32)}
+    new, report = from_torch_state_dict(plain, tree, strict=False, return_report=True)
+    assert report.unexpected_keys == ["fc.weight"]
+    assert set(report.missing_keys) == {
+        "fc.parametrizations.weight.original",
+        "fc.parametrizations.weight.0._u",
+        "fc.parametrizations.weight.0._v",
+    }
+    assert "Parametrization mismatch at fc/kernel" in str(report)
+    assert "plain tensor (no parametrization)" in report.message
+    np.testing.assert_array_equal(new["fc"]["bias"], np.ones(2))
+    np.testing.assert_array_equal(new["fc"]["kernel"].original, tree["fc"]["kernel"].original)
+    # The template lacks a link that the state_dict has: its keys are unexpected, never dropped
+    # in silence.
+    more = {**to_torch_state_dict(tree), "fc.parametrizations.weight.1.base": np.eye(3)}
+    with pytest.raises(ValueError, match=r"mismatch at fc/kernel.*orthogonal with triv"):
+        from_torch_state_dict(more, tree)
+    _, report = from_torch_state_dict(more, tree, strict=False, return_report=True)
+    assert report.unexpected_keys == ["fc.parametrizations.weight.1.base"]
+
+
+def test_report_of_a_full_match_is_empty():
+    tree = _sn_tree()
+    _, report = from_torch_state_dict(to_torch_state_dict(tree), tree, return_report=True)
+    assert report == interop.IncompatibleKeys([], [], [], "")
+    assert str(report) == "All keys matched."
+
+
+# ----- silent wrong values: shapes and dtypes -------------------------------------------------
+def test_wrong_length_spectral_vectors_are_refused_not_sliced():
+    tree = _sn_tree()  # kernel (3, 2): torch weight (2, 3), u (2,), v (3,)
+    sd = to_torch_state_dict(tree)
+    for key, n in (("fc.parametrizations.weight.0._u", 4), ("fc.parametrizations.weight.0._v", 5)):
+        bad = {**sd, key: np.ones(n, np.float32)}  # the old code took the first entries
+        with pytest.raises(ValueError) as e:
+            from_torch_state_dict(bad, tree, strict=False)
+        text = str(e.value)
+        assert "Shape mismatch at fc/kernel" in text and repr(key) in text
+        assert f"has shape ({n},)" in text and f"torch shape ({n - 2},)" in text
+
+
+def test_wrong_rank_names_the_key_and_both_shapes():
+    tree = {"conv": {"kernel": jnp.ones((3, 2, 4))}}  # torch Conv1d weight (4, 2, 3)
+    with pytest.raises(ValueError) as e:
+        from_torch_state_dict({"conv.weight": np.ones((4, 6), np.float32)}, tree)
+    text = str(e.value)
+    assert "'conv.weight' has shape (4, 6), but the template has (3, 2, 4)" in text
+    assert "torch shape (4, 2, 3)" in text and "layout 'conv'" in text
+
+
+def test_dtype_kinds_are_kept_and_floats_are_cast():
+    tree = {"fc": {"kernel": jnp.zeros((3, 2), jnp.float32), "bias": jnp.zeros(2, jnp.float32)}}
+    sd = {"fc.weight": np.ones((2, 3), np.float64), "fc.bias": np.zeros(2, np.float16)}
+    new = from_torch_state_dict(sd, tree)  # as torch's load_state_dict copies
+    assert new["fc"]["kernel"].dtype == jnp.float32 and new["fc"]["bias"].dtype == jnp.float32
+    for bad in (np.zeros(2, np.int64), np.zeros(2, np.bool_), np.zeros(2, np.complex64)):
+        with pytest.raises(ValueError, match=r"dtype mismatch at fc/bias: torch's 'fc.bias'"):
+            from_torch_state_dict({**sd, "fc.bias": bad}, tree)
+
+
+def test_stacked_tensors_are_refused():
+    tree = px.register_parametrization(
+        {"l": {"kernel": jnp.ones((2, 3, 4))}},
+        "l/kernel",
+        px.SpectralNorm(),
+        key=jax.random.key(0),
+        batch_axes=1,
+    )
+    with pytest.raises(ValueError, match=r"l/kernel is a stack of 2 tensors"):
+        to_torch_state_dict(tree)
+    with pytest.raises(ValueError, match=r"stack of 2 tensors"):
+        from_torch_state_dict({}, tree)
+    one = jax.tree.map(lambda x: x[0], tree)  # one layer: a (3, 4) kernel
+    assert set(to_torch_state_dict(one)) == {
+        "l.parametrizations.weight.original",
+        "l.parametrizations.weight.0._u",
+        "l.parametrizations.weight.0._v",
+    }
+
+
+# ----- module names: nn.Sequential ------------------------------------------------------------
+class SetupSequential(nn.Module):
+    def setup(self):
+        self.net = nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(5), nn.tanh, nn.Dense(2)])
+
+    def __call__(self, x):
+        return self.net(x)
+
+
+class CompactSequential(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(5), nn.tanh, nn.Dense(2)])(x)
+
+
+def _torch_sequential_sd():  # torch: nn.Sequential(Linear(4, 5), Tanh(), Linear(5, 5), ...)
+    rng = np.random.default_rng(0)
+    sd = {}
+    for i, (n_in, n_out) in zip((0, 2, 4), ((4, 5), (5, 5), (5, 2))):
+        sd[f"net.{i}.weight"] = rng.normal(size=(n_out, n_in)).astype(np.float32)
+        sd[f"net.{i}.bias"] = rng.normal(size=n_out).astype(np.float32)
+    return sd
+
+
+SEQUENTIAL_NAMES = {
+    "setup": (SetupSequential(), ("net/layers_0", "net/layers_2", "net/layers_4")),
+    "compact": (CompactSequential(), ("Dense_0", "Dense_1", "Dense_2")),  # in the parent
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SEQUENTIAL_NAMES))
+def test_sequential_names_get_a_suggested_mapping(kind):
+    model, flax_names = SEQUENTIAL_NAMES[kind]
+    want = dict(zip(("net.0", "net.2", "net.4"), flax_names))
+    sd = _torch_sequential_sd()
+    x = jnp.ones((1, 4), jnp.float32)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), x)["params"])
+    with pytest.raises(ValueError) as e:
+        from_torch_state_dict(sd, template)
+    assert f"modules={want!r}" in str(e.value)
+    tree = from_torch_state_dict(sd, template, modules=want)
+    for i, f in want.items():
+        keys = tuple(f.split("/"))
+        kernel = functools.reduce(lambda t, k: t[k], keys, tree)["kernel"]
+        np.testing.assert_array_equal(kernel, sd[f"{i}.weight"].T)
+    _, report = from_torch_state_dict(sd, template, strict=False, return_report=True)
+    assert f"modules={want!r}" in str(report)
+
+
+# ----- NNX ------------------------------------------------------------------------------------
+def _nnx_setup(case):
+    data = _load(case)
+    model = NNX_TWINS[case](nnx.Rngs(0))
+    return model, data, jnp.asarray(data["x"])
+
+
+def _values(module):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(nnx.state(module))]
+
+
+@pytest.mark.parametrize("case", sorted(NNX_TWINS))
+def test_nnx_reads_torch_and_writes_torch_keys(case):
+    model, data, x = _nnx_setup(case)
+    model.eval()
+    before = _values(model)
+    state = from_torch_state_dict(data["sd"], model)
+    assert isinstance(state, nnx.State)
+    for a, b in zip(before, _values(model)):  # the module is not modified
+        np.testing.assert_array_equal(a, b)
+    nnx.update(model, state)
+    assert_close(model(x), data["y"], jnp.float32)
+    back = to_torch_state_dict(model)
+    # torch's BatchNorm counter has no NNX equivalent (torch fills it in on load)
+    want = {k: v for k, v in data["sd"].items() if not k.endswith("num_batches_tracked")}
+    assert set(back) == set(want)
+    for k, v in want.items():
+        assert back[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_nnx_training_read_is_torchs_training_step():
+    model, data, x = _nnx_setup("linear_spectral")
+    nnx.update(model, from_torch_state_dict(data["sd"], model))
+    model.train()
+    assert_close(model(x), data["y_train"], jnp.float32)  # the read ran the power iteration
+    back = to_torch_state_dict(model)
+    for k, v in data["sd_train"].items():
+        assert_close(back[k], v, jnp.float32)
+
+
+def test_nnx_state_without_the_module_is_refused():
+    model, data, _ = _nnx_setup("linear_spectral")
+    state = nnx.state(model)
+    with pytest.raises(ValueError, match=r"needs the NNX module, not its state.*nnx.merge"):
+        to_torch_state_dict(state)  # the old code wrote 'layer.parametrizations.kernel...'
+    with pytest.raises(ValueError, match=r"needs the NNX module"):
+        from_torch_state_dict(data["sd"], state)
+    with pytest.raises(ValueError, match=r"laid out as the state of a paramx.nnx module"):
+        to_torch_state_dict(nnx.to_pure_dict(state))
+    # A plain module's state is fine.
+    plain = NNXSingle(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    sd = to_torch_state_dict(nnx.state(plain))
+    assert set(sd) == {"layer.weight", "layer.bias"} and sd["layer.weight"].shape == (3, 2)
+    new = from_torch_state_dict({k: v + 1 for k, v in sd.items()}, nnx.state(plain))
+    np.testing.assert_array_equal(new["layer"]["bias"][...], np.ones(3))
+
+
+def test_nnx_strict_false_keeps_values_and_reports():
+    model, data, _ = _nnx_setup("nnx_sequential")
+    sd = {k: v for k, v in data["sd"].items() if not k.startswith("net.5.")}
+    sd["net.7.weight"] = np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"net/layers/5/kernel \(original\)"):
+        from_torch_state_dict(sd, model)
+    state, report = from_torch_state_dict(sd, model, strict=False, return_report=True)
+    assert set(report.missing_keys) == {
+        "net.5.bias",
+        "net.5.parametrizations.weight.original",
+        "net.5.parametrizations.weight.0.base",
+    }
+    assert report.unexpected_keys == ["net.7.weight"]
+    kept = model.net.layers[5].parametrizations["kernel"].original[...]
+    nnx.update(model, state)
+    np.testing.assert_array_equal(model.net.layers[5].parametrizations["kernel"].original, kept)
+    np.testing.assert_array_equal(model.net.layers[6].kernel, data["sd"]["net.6.weight"].T)
+
+
+def test_nnx_names_follow_modules_and_closest_matches():
+    model, data, _ = _nnx_setup("linear_spectral")
+    renamed = {k.replace("layer.", "fc."): v for k, v in data["sd"].items()}
+    with pytest.raises(ValueError) as e:
+        from_torch_state_dict(renamed, model)
+    assert "layer/kernel (original): expected torch key" in str(e.value)
+    assert "modules={'fc': 'layer'}" in str(e.value)
+    nnx.update(model, from_torch_state_dict(renamed, model, modules={"fc": "layer"}))
+    assert set(to_torch_state_dict(model, modules={"fc": "layer"})) == set(renamed)
+
+
 # ----- live torch (skipped where torch is not installed, e.g. in CI) ---------------------------
 LIVE = [
     "nested",
@@ -509,6 +804,30 @@ def test_live_torch_model_round_trip(twin):
     fresh = spec["build"]()  # other random values, same structure
     legacy = case == "legacy_weight_norm"  # a legacy model refuses the new keys
     back = to_torch_state_dict(tree, **kw, legacy_weight_norm=legacy)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        np.testing.assert_array_equal(fresh(x_t).numpy(), y_t)
+
+
+@pytest.mark.parametrize("case", ["nnx_sequential", "chain_spectral_orthogonal"])
+def test_live_torch_loads_what_an_nnx_model_writes(case):
+    torch = pytest.importorskip("torch")
+    make = _generator_module()
+    spec = make.make_cases()[case]
+    torch.manual_seed(3)
+    model_t = spec["build"]()
+    make.perturb(model_t)
+    model_t.eval()
+    model, _, _ = _nnx_setup(case)
+    model.eval()
+    nnx.update(model, from_torch_state_dict(model_t.state_dict(), model))  # torch tensors
+    x_t = torch.randn(spec["x"])
+    with torch.no_grad():
+        y_t = model_t(x_t).numpy()
+    assert_close(model(jnp.asarray(x_t.numpy())), y_t, jnp.float32)
+    fresh = spec["build"]()
+    back = to_torch_state_dict(model)  # no num_batches_tracked: torch fills it in
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
     fresh.eval()
     with torch.no_grad():

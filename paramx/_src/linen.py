@@ -10,24 +10,34 @@ At ``model.init`` the initializer runs as usual and the wrapper registers the ru
 output, so the stored originals are ``right_inverse(initializer output)`` and the output
 of ``init`` equals the output of a later ``apply`` with those variables. At ``apply`` the
 wrapper materializes its subtree once per ``apply``, however often the wrapped module
-reads a parameter or is called; state is updated only when its collection is mutable.
+reads a parameter or is called. The state is updated by a training step only: the
+``use_running_average`` flag (BatchNorm's) says which calls are training.
+
+The wrapper keeps no record of its own: whether a subtree is already registered is read off
+the variables (they hold ``Parametrized`` nodes), so lifted transforms that trace the body
+several times (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nn.jit``) see the same thing each
+time.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+import yaml
 
+from paramx._src import parametrization as pz
 from paramx._src import paths
 from paramx._src.materialize import materialize
-from paramx._src.node import is_node
+from paramx._src.node import Parametrized, is_node
 from paramx._src.register import register_parametrization
 from paramx._src.state import merge_state
 
 _STATE_COLLECTION = "paramx_state"
+_FLAG = "use_running_average"
 
 
 def normalize_rules(rules: Any) -> tuple[tuple[Any, Any], ...]:
@@ -65,6 +75,7 @@ def normalize_rules(rules: Any) -> tuple[tuple[Any, Any], ...]:
     return tuple(out)
 
 
+# ----- the state collection <-> the nodes' state ---------------------------------------------
 def _nested_get(tree: Any, keys: tuple[Any, ...]) -> Any:
     for k in keys:
         if not isinstance(tree, Mapping) or k not in tree:
@@ -79,6 +90,24 @@ def _nested_set(tree: dict, keys: tuple[Any, ...], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+def _node_or_box(x: Any) -> bool:
+    return is_node(x) or paths.is_box(x)
+
+
+def _map_nodes(fn: Callable[[Any, Parametrized], Any], tree: Any) -> Any:
+    """``fn(path, node)`` for each node, also inside a Flax metadata box (which is kept)."""
+
+    def visit(path: Any, x: Any) -> Any:
+        box, inner = paths.unbox(x)
+        return paths.rebox(box, fn(path, inner)) if is_node(inner) else x
+
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_node_or_box)
+
+
+def _nodes(tree: Any) -> list[Parametrized]:
+    return [leaf for _, leaf in paths.leaves_with_paths(tree) if is_node(leaf)]
+
+
 def state_of(tree: Any) -> dict:
     """The state collection for a registered params tree: each node's state at its path."""
     out: dict = {}
@@ -91,20 +120,50 @@ def state_of(tree: Any) -> dict:
 def with_state(tree: Any, state: Any) -> Any:
     """Puts a state collection (as :func:`state_of` builds it) back into the nodes."""
 
-    def put(path: Any, leaf: Any) -> Any:
-        if not is_node(leaf):
-            return leaf
+    def put(path: Any, node: Parametrized) -> Parametrized:
         found = _nested_get(state, paths.path_keys(path)) if state else None
-        return leaf.replace(state=dict(found) if found else {})
+        return node.replace(state=dict(found) if found else {})
 
-    return jax.tree_util.tree_map_with_path(put, tree, is_leaf=is_node)
+    return _map_nodes(put, tree)
 
 
 def strip_state(tree: Any) -> Any:
     """The params collection for a registered tree: nodes without their state."""
-    return jax.tree_util.tree_map(
-        lambda x: x.replace(state={}) if is_node(x) else x, tree, is_leaf=is_node
-    )
+    return _map_nodes(lambda _, node: node.replace(state={}), tree)
+
+
+def _updates_state(tree: Any) -> bool:
+    """Whether any link of any node in ``tree`` has an ``update_state`` to run."""
+    return any(pz.update_state_fn(p) is not None for n in _nodes(tree) for p in n.chain)
+
+
+def _takes_flag(module: nn.Module) -> bool:
+    """Whether the wrapped module's ``__call__`` names a ``use_running_average`` parameter."""
+    try:
+        return _FLAG in inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):  # no introspectable signature: do not pass it on
+        return False
+
+
+class _Memo:
+    """The materialized view of one bound wrapper, reused by its later calls.
+
+    Created in ``setup``, which Flax runs anew on every bound copy of the module (each
+    ``init`` / ``apply``, each trace of a lifted transform), so it never outlives one call of
+    the model. An entry is reused only for the very arrays it was computed from.
+    """
+
+    __slots__ = ("entry",)
+
+    def __init__(self) -> None:
+        self.entry: tuple[tuple[Any, ...], bool, Any] | None = None
+
+    def get(self, leaves: tuple[Any, ...], update: bool) -> Any:
+        if self.entry is None:
+            return None
+        old, old_update, plain = self.entry
+        same = len(old) == len(leaves) and all(a is b for a, b in zip(old, leaves))
+        return plain if same and old_update == update else None
 
 
 class Parametrize(nn.Module):
@@ -125,13 +184,24 @@ class Parametrize(nn.Module):
       the wrapped module reads it (a module called several times inside the wrapped tree,
       a cell under ``nn.scan``), and within one ``apply`` a second call of the same wrapper
       reuses the first one's values.
-    - State lives in ``state_collection`` and is updated (one power-iteration step, say)
-      only when that collection is mutable: ``model.apply(variables, x,
-      mutable=["paramx_state"])`` is a training step, a plain ``apply`` is evaluation. Set
-      ``update_state=False`` to never update it, ``True`` to require it.
+    - **Training or evaluation** is said as for ``nn.BatchNorm``: ``use_running_average``,
+      an attribute or a keyword of the call (not both). ``False`` is a training step: the
+      state (spectral norm's ``u, v``) takes one ``update_state`` step, and its collection
+      must be mutable (``mutable=["paramx_state"]``). ``True`` is evaluation: the state is
+      read, never changed, whatever is mutable. Without the flag, an ``apply`` in which the
+      collection is immutable is evaluation, and one in which it is mutable raises (an
+      evaluation reusing the training ``mutable=[...]`` list would otherwise run a power
+      iteration). The call keyword is also passed on to the wrapped module when its
+      ``__call__`` takes ``use_running_average`` (a wrapped ``BatchNorm``).
+    - **Stacks.** Wrap the layer inside ``nn.scan`` / ``nn.vmap`` (the scanned or vmapped
+      body) and each layer's kernel is registered on its own; ``px.materialize`` outside the
+      model then runs the chain per layer. Wrapping the transformed module instead sees the
+      stacked kernels: pass ``batch_axes=1`` (the number of stack axes) so that each layer is
+      still parametrized on its own.
 
-    Put the wrapper outside an ``nn.scan`` (wrap the scanned module) to compute the
-    parametrization once per sequence; a wrapper inside the scanned cell runs every step.
+    Put the wrapper outside an ``nn.scan`` over time (wrap the scanned module, whose
+    parameters are broadcast) to compute the parametrization once per sequence; a wrapper
+    inside the scanned cell runs every step.
 
     Attributes:
       module: The linen module to wrap (unbound, as in any module definition).
@@ -140,24 +210,37 @@ class Parametrize(nn.Module):
         chain. ``where`` is a path relative to the wrapped module (``"kernel"``,
         ``"Dense_0/kernel"``), a tuple of keys, or a predicate over key paths.
       state_collection: Collection holding the parametrizations' state.
-      update_state: ``None`` (default): update state when ``state_collection`` is mutable.
-        ``False``: never. ``True``: always, and raise if the collection is immutable.
+      use_running_average: ``False``: training (update the state); ``True``: evaluation;
+        ``None`` (default): given at call time, or decided as described above.
+      update_state: The earlier spelling of the same flag, inverted: ``update_state=True``
+        is ``use_running_average=False`` and ``update_state=False`` is
+        ``use_running_average=True``. Give at most one of the two attributes.
       unsafe: Passed to :func:`paramx.register_parametrization`.
       collection: The collection whose variables the rules select (``'params'``).
+      batch_axes: Leading axes of the selected variables that index a stack of layers (the
+        wrapped module is an ``nn.scan`` or ``nn.vmap`` over layers): each layer is
+        parametrized on its own. Passed to :func:`paramx.register_parametrization`.
 
     Examples:
       >>> import jax
       >>> import jax.numpy as jnp
       >>> import flax.linen as nn
       >>> import paramx as px
-      >>> layer = px.linen.Parametrize(nn.Dense(3), {"kernel": px.Orthogonal()})
+      >>> layer = px.linen.Parametrize(nn.Dense(3), {"kernel": px.SpectralNorm()})
       >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> variables["params"]["kernel"].chain_names()
-      ['orthogonal']
+      ['spectral_norm']
       >>> w = px.materialize(variables["params"], variables["paramx_state"])["kernel"]
-      >>> bool(jnp.allclose(w.T @ w, jnp.eye(3), atol=1e-5))
-      True
-      >>> y = layer.apply(variables, jnp.ones((1, 3)))
+      >>> round(float(jnp.linalg.norm(w, 2)), 4)
+      1.0
+      >>> # A training step: one power iteration, new state returned.
+      >>> y, updates = layer.apply(
+      ...     variables, jnp.ones((1, 3)), use_running_average=False, mutable=["paramx_state"]
+      ... )
+      >>> sorted(updates)
+      ['paramx_state']
+      >>> # Evaluation: the state is read and left as it is.
+      >>> y = layer.apply(variables, jnp.ones((1, 3)), use_running_average=True)
       >>> y.shape
       (1, 3)
     """
@@ -165,35 +248,97 @@ class Parametrize(nn.Module):
     module: nn.Module
     rules: Any
     state_collection: str = _STATE_COLLECTION
+    use_running_average: bool | None = None
     update_state: bool | None = None
     unsafe: bool = False
     collection: str = "params"
+    batch_axes: int = 0
 
     def setup(self) -> None:
         nn.share_scope(self, self.module)
+        self._memo = _Memo()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Calls the wrapped module with the parametrized variables."""
-        return self._run(lambda module, *a, **k: module(*a, **k), *args, **kwargs)
+    def __call__(self, *args: Any, use_running_average: bool | None = None, **kwargs: Any) -> Any:
+        """Calls the wrapped module with the parametrized variables.
 
-    def _should_update(self) -> bool:
-        if self.is_initializing() or self.update_state is False:
+        Args:
+          *args: Passed to the wrapped module.
+          use_running_average: ``False`` for a training step (the state is updated), ``True``
+            for evaluation. Give it here or as the attribute, not both.
+            Passed on to the wrapped module too when its ``__call__`` takes it.
+          **kwargs: Passed to the wrapped module.
+        """
+        if use_running_average is not None and _takes_flag(self.module):
+            kwargs[_FLAG] = use_running_average
+        return self._run(
+            lambda module, *a, **k: module(*a, **k), use_running_average, *args, **kwargs
+        )
+
+    # ----- helpers --------------------------------------------------------------------------
+    def _where(self) -> str:
+        scope_path = "/".join(map(str, self.scope.path)) if self.scope is not None else ""
+        return (
+            f"paramx.linen.Parametrize around {type(self.module).__name__}"
+            f"{f' at {scope_path}' if scope_path else ''}"
+        )
+
+    def _flag(self, at_call: bool | None) -> bool | None:
+        """``use_running_average`` from the attributes and the call, as BatchNorm merges it."""
+        attribute = self.use_running_average
+        if self.update_state is not None:
+            if attribute is not None:
+                raise ValueError(
+                    f"{self._where()}: give either `use_running_average` or its older "
+                    f"spelling `update_state` (update_state=True is use_running_average=False), "
+                    f"not both."
+                )
+            attribute = not self.update_state
+        if attribute is None and at_call is None:
+            return None
+        return nn.merge_param(_FLAG, attribute, at_call)
+
+    def _should_update(self, flag: bool | None, raw: Any) -> bool:
+        if self.is_initializing():
+            return False  # registration already ran the warm-up
+        scol = self.state_collection
+        mutable = self.is_mutable_collection(scol)
+        if flag is None:
+            if mutable and _updates_state(raw):
+                raise ValueError(
+                    f"{self._where()}: the state collection '{scol}' is mutable in this call, "
+                    f"but nothing says whether it is a training step (update the state: one "
+                    f"power-iteration step) or an evaluation that reuses the training "
+                    f"`mutable=[...]` list. Say it as for nn.BatchNorm: "
+                    f"`use_running_average=False` for training, `True` for evaluation, as an "
+                    f"attribute (Parametrize(..., use_running_average=not train)) or at call time "
+                    f"(layer(x, use_running_average=not train))."
+                )
             return False
-        mutable = self.is_mutable_collection(self.state_collection)
-        if self.update_state and not mutable:
+        if flag or not _updates_state(raw):
+            return False
+        if not mutable:
             raise ValueError(
-                f"Parametrize(update_state=True) updates the state in collection "
-                f"'{self.state_collection}', which is immutable in this call. Pass "
-                f"mutable=['{self.state_collection}'] to apply, or set update_state=None to "
-                f"update only when it is mutable."
+                f"{self._where()}: use_running_average=False (a training step) updates the state "
+                f"in collection '{scol}', which is immutable in this call. Pass "
+                f"mutable=['{scol}'] to apply (and keep the updated collection), or "
+                f"use_running_average=True for evaluation."
             )
-        return mutable
+        return True
+
+    def _holds_nodes(self) -> bool:
+        """Whether the variables this wrapper selects from are registered already."""
+        if self.scope is None:
+            return False
+        found = self.variables.get(self.collection, {})
+        return bool(_nodes(found))
 
     def _register(self, plain: Any, key: jax.Array) -> Any:
         tree = plain
         for where, p in normalize_rules(self.rules):
             try:
-                tree = register_parametrization(tree, where, p, unsafe=self.unsafe, key=key)
+                tree = register_parametrization(
+                    tree, where, p, unsafe=self.unsafe, key=key, batch_axes=self.batch_axes
+                )
             except ValueError as e:
                 raise ValueError(
                     f"paramx.linen.Parametrize around {type(self.module).__name__} "
@@ -201,31 +346,43 @@ class Parametrize(nn.Module):
                 ) from None
         return tree
 
-    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _run(self, fn: Callable[..., Any], at_call: bool | None, *args: Any, **kwargs: Any) -> Any:
         col, scol = self.collection, self.state_collection
-        # Within one `init`, only the wrapper's first call creates and registers variables;
-        # later calls find them registered and read them like `apply` does.
-        initializing = self.is_initializing() and not getattr(self, "_paramx_registered", False)
-        update = self._should_update()
+        flag = self._flag(at_call)
+        # Registration happens on the call that creates the variables; a later call (a shared
+        # wrapper called again, a lifted transform tracing its body once more) finds nodes in
+        # the variables and reads them as `apply` does.
+        registering = self.is_initializing() and not self._holds_nodes()
+        memo = self._memo
         seen: dict[str, Any] = {}
 
         def view(cols: dict) -> dict:
             raw = cols.get(col, {})
             state = cols.get(scol, {})
-            leaves = jax.tree_util.tree_leaves(raw)
-            cache = getattr(self, "_paramx_cache", None)
-            if cache is not None and len(cache[0]) == len(leaves):
-                if all(a is b for a, b in zip(cache[0], leaves)):
-                    seen["raw"] = raw
-                    return {**cols, col: cache[1], scol: state}
-            tree = with_state(raw, state)
-            if update:
-                plain, half = materialize(tree, update_state=True)
-                new_state = state_of(merge_state(tree, half))
-            else:
-                plain, new_state = materialize(tree), state
-            object.__setattr__(self, "_paramx_cache", (leaves, plain))
             seen["raw"] = raw
+            update = self._should_update(flag, raw)
+            leaves = tuple(jax.tree_util.tree_leaves(raw))
+            plain = memo.get(leaves, update)
+            if plain is not None:
+                return {**cols, col: plain, scol: state}
+            tree = with_state(raw, state)
+            try:
+                if update:
+                    plain, half = materialize(tree, update_state=True)
+                    new_state = state_of(merge_state(tree, half))
+                else:
+                    plain, new_state = materialize(tree), state
+            except (ValueError, TypeError) as e:
+                if state:
+                    raise
+                raise type(e)(
+                    f"{e}\n{self._where()}: the collection '{scol}' is empty here. Inside a "
+                    f"lifted transform, list it next to '{col}': nn.scan(..., "
+                    f"variable_broadcast=['{col}', '{scol}']) or variable_axes={{'{col}': 0, "
+                    f"'{scol}': 0}}; nn.vmap(..., variable_axes={{'{col}': 0, '{scol}': 0}}). "
+                    f"With model.apply, pass variables['{scol}'] with variables['{col}']."
+                ) from e
+            memo.entry = (leaves, update, plain)
             return {**cols, col: plain, scol: new_state}
 
         def unview(cols: dict) -> dict:
@@ -233,7 +390,7 @@ class Parametrize(nn.Module):
             if col in out:
                 if "raw" in seen:
                     out[col] = seen["raw"]
-                elif initializing:
+                elif registering:
                     # Drawn after the wrapped module's initializers ran: their draws are the
                     # ones the unwrapped module would make.
                     tree = self._register(out[col], self.make_rng("params"))
@@ -243,8 +400,26 @@ class Parametrize(nn.Module):
                         out[scol] = registered
             return out
 
-        mapped = nn.map_variables(fn, (col, scol), view, unview, init=initializing, mutable=True)
-        out = mapped(self.module, *args, **kwargs)
-        if initializing:
-            object.__setattr__(self, "_paramx_registered", True)
-        return out
+        mapped = nn.map_variables(fn, (col, scol), view, unview, init=registering, mutable=True)
+        return mapped(self.module, *args, **kwargs)
+
+
+# ----- model.tabulate ------------------------------------------------------------------------
+def _represent_node(dumper: yaml.SafeDumper, node: Parametrized) -> yaml.Node:
+    """A node as ``{chain: ..., original: float32[4,4], ...}`` in ``model.tabulate``'s table.
+
+    Flax's table renders each variable collection with ``yaml.safe_dump``, after replacing
+    every array leaf by its text (``float32[4,4]``); a node then holds those texts as its
+    children. Flax offers no hook for pytree nodes of its own there, so paramx registers
+    this representer for its own type only.
+    """
+    keyed, _ = node.tree_flatten_with_keys()
+    shown: dict[str, Any] = {"chain": ", ".join(node.chain_names())}
+    for key, child in keyed:
+        shown[key.name] = child
+    if node.batch_shape:
+        shown["stack"] = list(node.batch_shape)
+    return dumper.represent_dict(shown)
+
+
+yaml.SafeDumper.add_representer(Parametrized, _represent_node)

@@ -41,9 +41,26 @@ need concrete values (numpy inside ``right_inverse``, say) falls back to eager e
 Each read computes the tensor again (and, in training mode, updates state again); inside
 ``with cached():`` it is computed once.
 
-Caveats. Register before building ``nnx.Optimizer`` (its state follows the Param paths,
-as torch's optimizer follows Parameter objects). The originals are new Variables: a
-Variable shared with another module (tied weights) is not parametrized there.
+Tied weights. When the first parametrization's ``right_inverse`` keeps the value (spectral
+norm, a parametrization without ``right_inverse``), the registered Variable itself becomes
+``original``, as torch keeps the Parameter object: a Variable shared with another module
+stays shared, and both uses train one array. When the originals must differ from the value
+(orthogonal's -I, weight norm's g and v), a Variable held elsewhere is refused with an error
+naming its other holders, instead of being silently untied.
+
+Stacks. Inside ``nnx.vmap`` / ``nnx.scan`` each layer registers as one tensor, and the node
+remembers the tensor's rank (``event_ndims``), so reading the stacked module outside the
+transform runs the chain per layer. ``batch_axes=`` registers on a module that is stacked
+already.
+
+Nesting. ``module.parametrizations[name]`` is itself an NNX module, so a parametrization can
+be registered on its ``original`` (torch's nested parametrizations); the outer chain then
+reads the inner chain's value as its original.
+
+Caveats. Register before building ``nnx.Optimizer``: its state follows the Param paths at
+construction (as torch's optimizer follows Parameter objects), and an optimizer built before
+registering fails in ``update`` with a pytree-structure error; build it again after
+registering.
 """
 
 from __future__ import annotations
@@ -51,12 +68,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import gc
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from paramx._src import chain as ch
@@ -119,26 +139,36 @@ def _like(variable: nnx.Variable, value: jax.Array) -> nnx.Variable:
     return type(variable)(value)
 
 
+def _value(original: Any) -> Any:
+    """The array an original holds: a Variable's value, or the value a nested chain reads."""
+    return original.get_value() if _is_variable(original) else original
+
+
 class ParametrizationList(nnx.Module):
     """The parametrizations of one tensor, with its originals and state; torch's
     ``ParametrizationList``.
 
     Built by :func:`register_parametrization`; reach it as
     ``module.parametrizations["kernel"]``. Calling it returns the constrained value (what
-    ``module.kernel`` returns), and indexing it returns the parametrizations in order.
+    ``module.kernel`` returns), and indexing it returns the parametrizations in order. It is
+    an NNX module, so a parametrization can be registered on its ``original`` (nesting, as in
+    torch): the outer chain then reads the inner chain's value.
 
     Attributes:
       original: The raw tensor (``original0``, ``original1``, ... when the first
         parametrization's ``right_inverse`` returns several), a Variable of the registered
-        Variable's type.
+        Variable's type (the registered Variable itself when ``right_inverse`` kept its value).
       params: The links' own learnable arrays as ``nnx.Param``, keyed by link position
         (absent when no link has any).
       state: The links' state as :class:`ParametrizationState`, keyed by link position
         (absent when no link has any).
       chain: The parametrizations, applied in order (static).
-      tensor_name: The parametrized attribute's name (static; used in error messages).
+      tensor_name: The parametrized attribute's name (static).
+      label: ``Class.name`` of the parametrized tensor, used in error messages (static).
       multi: Whether there are several originals (static).
       unsafe: Whether the shape and dtype checks are off for this tensor (static).
+      event_ndims: The rank of each original for one tensor (static); originals with more
+        axes are a stack (``nnx.vmap`` / ``nnx.scan``), computed per tensor.
       use_running_average: ``False`` (training mode): each read updates the state first.
         ``True``: reads leave state alone. ``model.train()`` / ``model.eval()`` set it.
 
@@ -151,25 +181,40 @@ class ParametrizationList(nnx.Module):
       ((1, 2), (3, 2), 1)
     """
 
-    def __init__(self, node: Parametrized, like: nnx.Variable, tensor_name: str):
+    def __init__(
+        self,
+        node: Parametrized,
+        like: nnx.Variable,
+        tensor_name: str,
+        *,
+        label: str | None = None,
+        originals: tuple[nnx.Variable, ...] | None = None,
+    ):
         self.tensor_name = tensor_name
+        self.label = label or tensor_name
         self.chain = node.chain
         self.multi = node.multi
         self.unsafe = node.unsafe
+        self.event_ndims = tuple(node.event_ndims)
         self.use_running_average = False
-        for name, x in zip(_original_names(node.multi, len(node.originals)), node.originals):
-            setattr(self, name, _like(like, x))
+        if originals is None:
+            originals = tuple(_like(like, x) for x in node.originals)
+        for name, var in zip(_original_names(node.multi, len(originals)), originals):
+            setattr(self, name, var)
         if node.params:
             self.params = nnx.data(_wrap(node.params, nnx.Param))
         if node.state:
             self.state = nnx.data(_wrap(node.state, ParametrizationState))
 
     # ----- reading the Variables as a core node ------------------------------------------
+    def _names(self) -> list[str]:
+        return _original_names(self.multi, _count_originals(self))
+
     @property
-    def originals(self) -> tuple[nnx.Variable, ...]:
-        """The original Variables, in order."""
-        names = _original_names(self.multi, _count_originals(self))
-        return tuple(getattr(self, n) for n in names)
+    def originals(self) -> tuple[Any, ...]:
+        """The original Variables, in order (an original with a nested parametrization
+        reads as its constrained value)."""
+        return tuple(getattr(self, n) for n in self._names())
 
     def _params(self) -> dict[str, Any]:
         return vars(self).get("params", {})
@@ -180,17 +225,25 @@ class ParametrizationList(nnx.Module):
     def node(self) -> Parametrized:
         """The current values as a :class:`paramx.Parametrized` node (a snapshot)."""
         return Parametrized(
-            tuple(v.get_value() for v in self.originals),
+            tuple(_value(v) for v in self.originals),
             self.chain,
             _unwrap(self._params()),
             _unwrap(self._state()),
             multi=self.multi,
             unsafe=self.unsafe,
+            event_ndims=self.event_ndims,
         )
 
+    def _variables(self) -> list[nnx.Variable]:
+        """Every Variable the value depends on, nested chains included."""
+        out: list[nnx.Variable] = []
+        for name in self._names():
+            inner = _lookup(self, name)
+            out += inner._variables() if inner is not None else [vars(self)[name]]
+        return out + _variable_leaves((self._params(), self._state()))
+
     def _raw(self) -> tuple[Any, ...]:
-        variables = [*self.originals, *_variable_leaves((self._params(), self._state()))]
-        return tuple(v.get_raw_value() for v in variables)
+        return tuple(v.get_raw_value() for v in self._variables())
 
     # ----- torch's ParametrizationList API -----------------------------------------------
     def __call__(self) -> jax.Array:
@@ -200,7 +253,7 @@ class ParametrizationList(nnx.Module):
             return entry
         updating = [] if self.use_running_average else self._updating_links()
         value, new_state = _core(
-            _materialize_one, self.node(), name=self.tensor_name, update_state=bool(updating)
+            _materialize_one, self.node(), name=self.label, update_state=bool(updating)
         )
         for i in updating:  # write back only what `update_state` computed
             _write(self._state()[i], new_state[i])
@@ -219,15 +272,29 @@ class ParametrizationList(nnx.Module):
     def right_inverse(self, value: Any) -> None:
         """Sets the originals (and any state) so that the tensor equals ``value``.
 
-        What ``module.kernel = value`` runs: :func:`paramx.assign` on the current node.
+        What ``module.kernel = value`` runs: :func:`paramx.assign` on the current node, so a
+        value of another shape or dtype is refused unless the tensor was registered with
+        ``unsafe=True``. Nothing is modified when an error is raised.
         """
+        for var, x in self._plan_assign(value):
+            var.set_value(x)
+
+    def _plan_assign(self, value: Any) -> list[tuple[nnx.Variable, Any]]:
+        """The Variable writes that assigning ``value`` makes, computed without writing."""
         if _is_variable(value):
             value = value.get_value()
         if ch.is_array(value):
-            new = _core(_assign_one, self.node(), value, name=self.tensor_name)
+            new = _core(_assign_one, self.node(), value, name=self.label)
         else:  # the core's error
-            new = _assign_one(self.node(), value, name=self.tensor_name)
-        _write((self.originals, self._state()), (new.originals, new.state))
+            new = _assign_one(self.node(), value, name=self.label)
+        writes: list[tuple[nnx.Variable, Any]] = []
+        for name, x in zip(self._names(), new.originals):
+            inner = _lookup(self, name)
+            writes += inner._plan_assign(x) if inner is not None else [(vars(self)[name], x)]
+        jax.tree_util.tree_map(
+            lambda v, x: writes.append((v, x)), self._state(), new.state, is_leaf=_is_variable
+        )
+        return writes
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Sets the mode; called by ``nnx.view(model, use_running_average=...)``.
@@ -257,16 +324,39 @@ class ParametrizationList(nnx.Module):
 
 
 # ----- running the core ---------------------------------------------------------------------------
-_NEEDS_CONCRETE = (
-    jax.errors.ConcretizationTypeError,
-    jax.errors.TracerArrayConversionError,
-    jax.errors.TracerIntegerConversionError,
+_NEEDS_CONCRETE = getattr(
+    ch,
+    "NEEDS_CONCRETE",
+    (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerBoolConversionError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ),
 )
 
 
 @functools.cache
 def _compiled(fn: Callable[..., Any], static: tuple[str, ...]) -> Callable[..., Any]:
     return jax.jit(fn, static_argnames=static)
+
+
+# Parametrizations whose functions turned out to need concrete values (numpy inside a
+# `right_inverse`, say): their calls run eagerly from then on, without a compile attempt, so
+# a user's function runs once per call. A memo like `_compiled`'s cache: it holds facts about
+# code, never values.
+_EAGER: set[Any] = set()
+
+
+def _eager_key(fn: Callable[..., Any], args: Any, static: dict[str, Any]) -> Any:
+    """What decides whether ``fn(*args, **static)`` can be traced: the parametrizations it
+    runs, and whether it runs their ``right_inverse`` (register, assign) or ``forward``."""
+    links: list[Any] = [static["parametrization"]] if "parametrization" in static else []
+    for x in jax.tree_util.tree_leaves(args, is_leaf=lambda y: isinstance(y, Parametrized)):
+        if isinstance(x, Parametrized):
+            links += x.chain
+    role = "inverse" if fn in (_register_one, _assign_one) else fn
+    return role, frozenset(links)  # hashable: `_hashable` checked the chains
 
 
 def _hashable(args: Any, static: dict[str, Any]) -> bool:
@@ -285,21 +375,27 @@ def _core(fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
     one compiled program, cached by shapes and by the static options (chains included),
     instead of dispatching every operation separately. Inside a trace it runs inline. It
     runs op by op when the options are unhashable or a user's function needs concrete
-    values.
+    values; the latter is remembered, so later calls do not trace that function again.
     """
     leaves = jax.tree_util.tree_leaves(args)
     if any(isinstance(x, jax.core.Tracer) for x in leaves) or not _hashable(args, static):
         return fn(*args, **static)
+    key = _eager_key(fn, args, static)
+    if key in _EAGER:
+        return fn(*args, **static)
     try:
         return _compiled(fn, tuple(sorted(static)))(*args, **static)
     except _NEEDS_CONCRETE:
+        _EAGER.add(key)
         return fn(*args, **static)
 
 
 def _register_one(
-    leaf: Any, key: Any, *, name: str, parametrization: Any, unsafe: bool
+    leaf: Any, key: Any, *, name: str, parametrization: Any, unsafe: bool, batch_axes: int
 ) -> Parametrized:
-    tree = _register_tree({name: leaf}, (name,), parametrization, unsafe=unsafe, key=key)
+    tree = _register_tree(
+        {name: leaf}, (name,), parametrization, unsafe=unsafe, key=key, batch_axes=batch_axes
+    )
     return tree[name]
 
 
@@ -327,7 +423,7 @@ def _count_originals(plist: ParametrizationList) -> int:
     if not plist.multi:
         return 1
     n = 0
-    while f"original{n}" in vars(plist):
+    while f"original{n}" in vars(plist) or _lookup(plist, f"original{n}") is not None:
         n += 1
     return n
 
@@ -534,6 +630,97 @@ def _variable(module: Any, name: str) -> nnx.Variable:
     return var
 
 
+def _label(module: Any, name: str) -> str:
+    """``Linear.kernel`` (``Linear.kernel.original`` for a nested registration): how errors
+    name a tensor, since a module does not know its path in the model."""
+    if isinstance(module, ParametrizationList):
+        return f"{module.label}.{name}"
+    return f"{type_before_parametrizations(module).__name__}.{name}"
+
+
+def _keeps_value(node: Parametrized, value: Any) -> bool:
+    """Whether the registered node's single original is exactly ``value`` (an identity
+    ``right_inverse``), so the registered Variable itself can stay the original."""
+    if node.multi or len(node.originals) != 1:
+        return False
+    x = node.originals[0]
+    if x is value:
+        return True
+    if jnp.shape(x) != jnp.shape(value) or jnp.result_type(x) != jnp.result_type(value):
+        return False
+    if any(isinstance(y, jax.core.Tracer) for y in (x, value)):
+        return False
+    try:
+        return bool(jnp.array_equal(x, value, equal_nan=True))
+    except Exception:  # say, operands on different meshes: treated as a different value
+        return False
+
+
+# References a Variable has when only its module holds it, counted inside
+# `register_parametrization`: the module's attribute, the local name, getrefcount's argument.
+_OWN_REFS = 3
+
+
+def _other_holders(module: Any, name: str, var: nnx.Variable) -> list[str]:
+    """Where NNX objects other than ``module.<name>`` hold ``var`` (tied weights), as
+    ``Class.attribute`` strings. NNX objects have no parent links, so this asks the garbage
+    collector which objects refer to the Variable (only when its reference count says some
+    object other than the module does)."""
+    found = [
+        f"{type_before_parametrizations(module).__name__}.{attr}"
+        for attr, v in vars(module).items()
+        if v is var and attr != name
+    ]
+    for ref in gc.get_referrers(var):
+        found += _owners(ref, var, module, depth=2)
+    return sorted(set(found))
+
+
+def _owners(ref: Any, target: Any, module: Any, depth: int) -> list[str]:
+    """The NNX objects other than ``module`` that hold ``target`` through ``ref``."""
+    if isinstance(ref, nnx.Pytree):
+        return [] if ref is module else [_describe_holder(ref, target)]
+    if isinstance(ref, dict):
+        owners = [
+            o
+            for o in gc.get_referrers(ref)
+            if isinstance(o, nnx.Pytree) and getattr(o, "__dict__", None) is ref
+        ]
+        if owners:
+            return [_describe_holder(o, target) for o in owners if o is not module]
+    if depth and isinstance(ref, (dict, list, tuple)):
+        return [h for up in gc.get_referrers(ref) for h in _owners(up, ref, module, depth - 1)]
+    return []
+
+
+def _describe_holder(owner: Any, target: Any) -> str:
+    attrs = [k for k, v in vars(owner).items() if v is target]
+    if isinstance(owner, ParametrizationList):
+        return f"{owner.label} (as its {attrs[0] if attrs else 'original'})"
+    cls = type_before_parametrizations(owner).__name__
+    return f"{cls}.{attrs[0]}" if attrs else cls
+
+
+def _refuse_shared(label: str, holders: list[str], parametrization: Any, multi: bool) -> None:
+    what = (
+        "several originals"
+        if multi
+        else "an original that differs from the value (its `right_inverse` is not the identity)"
+    )
+    attr = label.rsplit(".", 1)[-1]
+    raise ValueError(
+        f"The Variable at {label} is shared: it is also held at {', '.join(holders)} (tied "
+        f"weights, or a module made from this one's Variables by nnx.view or nnx.merge). "
+        f"Registering {pz.display_name(parametrization)} stores {what} in new "
+        f"Variables, so the other holders would keep the old Variable and the weights would "
+        f"silently stop being tied. Either read the parametrized tensor where it is shared "
+        f"(the other module computes with `module.{attr}`, e.g. `x @ enc.kernel.T`), or use a "
+        f"parametrization whose `right_inverse` keeps the value (spectral_norm, or one without "
+        f"`right_inverse`), which keeps the shared Variable as `original`, or untie first: "
+        f"`module.{attr} = nnx.Param(module.{attr}[...])`."
+    )
+
+
 def register_parametrization(
     module: nnx.Module,
     name: str,
@@ -541,26 +728,39 @@ def register_parametrization(
     *,
     unsafe: bool = False,
     key: jax.Array | None = None,
+    batch_axes: int = 0,
 ) -> nnx.Module:
     """Registers a parametrization on ``module.<name>``, in place; torch's
     ``register_parametrization``.
 
     The Variable ``module.<name>`` is replaced by ``module.parametrizations[name]`` (a
-    :class:`ParametrizationList`) holding ``original = right_inverse(value)`` as a Variable
-    of the same type, and ``module.<name>`` now reads the constrained value, so layers that
-    read ``self.kernel[...]`` work unchanged. Registering on a name that is already
+    :class:`ParametrizationList`) holding ``original = right_inverse(value)``, and
+    ``module.<name>`` now reads the constrained value, so layers that read
+    ``self.kernel[...]`` work unchanged. Registering on a name that is already
     parametrized appends to its chain; the originals are kept (torch's semantics). The
     computation is :func:`paramx.register_parametrization` on ``{name: value}``: the
-    checks and error messages are the same. Nothing is modified when an error is raised.
+    checks and error messages are the same, naming the tensor as ``Class.name``. Nothing is
+    modified when an error is raised.
+
+    Tied weights: when ``right_inverse`` keeps the value (or there is none), the registered
+    Variable itself becomes ``original``, as torch keeps the Parameter, so a Variable shared
+    with another module stays shared and trains once. When the originals differ from the
+    value, a Variable that another NNX object also holds is refused (ValueError naming the
+    holders), since it could not stay tied.
+
     Register before building ``nnx.Optimizer``, whose state follows the Param paths.
 
     Args:
-      module: The NNX module holding the Variable.
+      module: The NNX module holding the Variable, or a :class:`ParametrizationList` to
+        parametrize its ``original`` (nesting).
       name: The attribute name (``"kernel"``).
       parametrization: A :class:`paramx.Parametrization`, an object with ``forward`` (and
         optionally ``right_inverse``, ``init``, ``update_state``), or a plain function.
       unsafe: Skip the checks that ``forward`` keeps the tensor's shape and dtype.
       key: PRNG key for parametrizations with ``init`` (spectral norm's random start).
+      batch_axes: How many leading axes of the Variable index a stack of layers (a module
+        built with ``nnx.vmap`` / ``nnx.scan`` before registering): each layer is
+        registered and computed separately. Registering inside the transform needs nothing.
 
     Returns:
       ``module`` (modified in place).
@@ -568,8 +768,8 @@ def register_parametrization(
     Raises:
       TypeError: If ``module`` is not an ``nnx.Module``.
       ValueError: If there is no Variable named ``name`` (the closest names are listed), if
-        it does not hold an array, or on the core's shape, dtype and ``right_inverse``
-        checks.
+        it does not hold an array, if it is shared and cannot stay shared, or on the core's
+        shape, dtype and ``right_inverse`` checks.
 
     Examples:
       >>> from flax import nnx
@@ -589,28 +789,27 @@ def register_parametrization(
              [0., 4.]], dtype=float32)
     """
     _check_module(module)
+    label = _label(module, name)
+    options = dict(name=label, parametrization=parametrization, unsafe=unsafe)
     plist = _lookup(module, name)
     if plist is not None:
-        node = _core(
-            _register_one,
-            plist.node(),
-            key,
-            name=name,
-            parametrization=parametrization,
-            unsafe=unsafe,
-        )
+        node = _core(_register_one, plist.node(), key, batch_axes=batch_axes, **options)
         plist._append(node)
         return module
     var = _variable(module, name)
-    node = _core(
-        _register_one,
-        var.get_value(),
-        key,
-        name=name,
-        parametrization=parametrization,
-        unsafe=unsafe,
-    )
-    plist = ParametrizationList(node, var, name)
+    refs = sys.getrefcount(var) if hasattr(sys, "getrefcount") else _OWN_REFS + 1
+    value = var.get_value()
+    node = _core(_register_one, value, key, batch_axes=batch_axes, **options)
+    keep = _keeps_value(node, value)
+    if not keep and refs > _OWN_REFS:
+        holders = _other_holders(module, name, var)
+        if holders:
+            gc.collect()  # dropped modules in reference cycles hold nothing
+            holders = _other_holders(module, name, var)
+        if holders:
+            _refuse_shared(label, holders, parametrization, node.multi)
+    originals = (var,) if keep else None
+    plist = ParametrizationList(node, var, name, label=label, originals=originals)
     container = vars(module).get(_CONTAINER)
     if container is None:
         if _CONTAINER in vars(module) or hasattr(type(module), _CONTAINER):
@@ -724,10 +923,29 @@ def remove_parametrizations(
             f"Module {type(module).__name__} does not have a parametrization on {name!r}. "
             f"Parametrized names: {', '.join(map(repr, names)) or 'none'}."
         )
-    value = _core(_remove_one, plist.node(), name=name, leave_parametrized=leave_parametrized)
+    nested = [n for n in plist._names() if _lookup(plist, n) is not None]
+    if nested:
+        raise ValueError(
+            f"The original {nested[0]!r} of {plist.label} has parametrizations of its own "
+            f"(nested registration). Remove those first: "
+            f"`paramx.nnx.remove_parametrizations(module.parametrizations[{name!r}], "
+            f"{nested[0]!r})`, then remove {name!r}."
+        )
+    value = _core(
+        _remove_one, plist.node(), name=plist.label, leave_parametrized=leave_parametrized
+    )
     originals = plist.originals
     if not leave_parametrized:
         restored = originals[0]
+    elif (
+        len(originals) == 1
+        and jnp.shape(originals[0].get_value()) == jnp.shape(value)
+        and jnp.result_type(originals[0].get_value()) == jnp.result_type(value)
+    ):
+        # torch sets the original Parameter to the value: the same object stays, so a
+        # Variable shared with another module (tied weights) stays shared.
+        restored = originals[0]
+        restored.set_value(value)
     else:
         same = [v for v in originals if v.get_value().shape == value.shape]
         restored = same[0].copy(value) if same else type(originals[0])(value)
@@ -746,10 +964,12 @@ def orthogonal(
     orthogonal_map: str | None = None,
     *,
     use_trivialization: bool = True,
+    batch_axes: int = 0,
 ) -> nnx.Module:
     """Makes ``module.<name>`` orthogonal, in place; torch's ``orthogonal``.
 
-    Registers :class:`paramx.Orthogonal` (with ``unsafe=True``, as torch does). Right after
+    Registers :class:`paramx.Orthogonal` with the shape and dtype checks on (torch skips
+    them), so assigning a value of another shape or dtype raises. Right after
     registration the kernel reads as the Q factor of its value; with the default
     trivialization the original is -I and the orthogonal ``base`` is
     :class:`ParametrizationState`, set only at registration and on assignment. On a Flax
@@ -762,6 +982,8 @@ def orthogonal(
       orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"`` or ``None`` (torch's
         rule: ``matrix_exp`` if square or complex, else ``householder``).
       use_trivialization: Keep an orthogonal base as state (default True).
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``): one
+        orthogonal matrix per layer.
 
     Returns:
       ``module``.
@@ -776,7 +998,7 @@ def orthogonal(
       True
     """
     p = Orthogonal(orthogonal_map, use_trivialization)
-    return register_parametrization(module, name, p, unsafe=True)
+    return register_parametrization(module, name, p, batch_axes=batch_axes)
 
 
 def spectral_norm(
@@ -788,6 +1010,7 @@ def spectral_norm(
     *,
     axis_name: Any = None,
     key: jax.Array | None = None,
+    batch_axes: int = 0,
 ) -> nnx.Module:
     """Divides ``module.<name>`` by its spectral norm, in place; torch's ``spectral_norm``.
 
@@ -805,6 +1028,8 @@ def spectral_norm(
       dim: Axis of output features; ``None`` is the last axis (Flax's layout).
       axis_name: Average u and v over this named axis after each update.
       key: PRNG key for the initial u and v.
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``): each
+        layer is normalized by its own spectral norm, with its own u and v.
 
     Returns:
       ``module``.
@@ -818,10 +1043,12 @@ def spectral_norm(
       1.0
     """
     p = SpectralNorm(n_power_iterations, eps, dim, axis_name)
-    return register_parametrization(module, name, p, key=key)
+    return register_parametrization(module, name, p, key=key, batch_axes=batch_axes)
 
 
-def weight_norm(module: nnx.Module, name: str = "kernel", dim: int | None = -1) -> nnx.Module:
+def weight_norm(
+    module: nnx.Module, name: str = "kernel", dim: int | None = -1, *, batch_axes: int = 0
+) -> nnx.Module:
     """Splits ``module.<name>`` into a norm g and a direction v, in place; torch's
     ``weight_norm``.
 
@@ -834,7 +1061,8 @@ def weight_norm(module: nnx.Module, name: str = "kernel", dim: int | None = -1) 
       module: The module.
       name: The attribute to reparametrize.
       dim: The axis of output features (default: the last); ``None`` for one norm over the
-        whole tensor.
+        whole tensor. Counted without the ``batch_axes`` stack axes.
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``).
 
     Returns:
       ``module``.
@@ -849,4 +1077,4 @@ def weight_norm(module: nnx.Module, name: str = "kernel", dim: int | None = -1) 
       >>> bool(jnp.allclose(layer.kernel, kernel))
       True
     """
-    return register_parametrization(module, name, WeightNorm(dim))
+    return register_parametrization(module, name, WeightNorm(dim), batch_axes=batch_axes)

@@ -92,9 +92,14 @@ def merge_state(params: Any, state: Any) -> Any:
     _check_layout(params, state, ())
 
     def put(path: Any, x: Any) -> Any:
-        if not is_node(x):
+        box, node = paths.unbox(x)
+        if not is_node(node):
             return x
         found = _lookup(state, path)
+        if found is None and box is not None:  # a mirror of the box: state at `<path>/value`
+            found = _lookup(state, (*path, GetAttrKey("value")))
+        if paths.is_box(found):
+            found = found.unbox()
         if found is not None and not isinstance(found, Mapping):
             raise ValueError(
                 f"The state does not match the tree: at {paths.format_path(path)} it holds a "
@@ -102,9 +107,13 @@ def merge_state(params: Any, state: Any) -> Any:
                 f"by link position ({{'0': ...}}). Give the state half that `split_state` or "
                 f"`materialize` returned for this tree."
             )
-        return x.replace(state=thaw(found) if found else {})
+        return paths.rebox(box, node.replace(state=thaw(found) if found else {}))
 
-    return jax.tree_util.tree_map_with_path(put, params, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(put, params, is_leaf=_node_or_box)
+
+
+def _node_or_box(x: Any) -> bool:
+    return is_node(x) or paths.is_box(x)
 
 
 def thaw(x: Any) -> Any:

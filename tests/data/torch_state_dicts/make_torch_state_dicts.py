@@ -15,7 +15,9 @@ model with parametrizations registered) it stores, in torch's layout:
 Originals are perturbed after registration (orthogonal: off-diagonal noise; weight norm: g
 rescaled; spectral norm: u and v moved off the converged vectors), so each array matters to the
 output. Each case seeds torch from the CRC32 of its name; torch runs single-threaded and the npz
-is written with fixed timestamps and sorted members, so re-running gives byte-identical files.
+is written with fixed timestamps and sorted members, so re-running gives byte-identical files
+on one machine (the conv cases' outputs can differ in the last bit between torch builds; the
+committed ``nnx_sequential`` case was added to the earlier files with the others unchanged).
 """
 
 from __future__ import annotations
@@ -124,6 +126,33 @@ class Legacy(nn.Module):
         return self.fc(self.conv(x).mean(-1))
 
 
+class SequentialNet(nn.Module):
+    """nn.Sequential of the four kinds of Linear (spectral norm, weight norm, orthogonal, plain)
+    with activations and a BatchNorm1d between them; read by an NNX twin (nnx.Sequential)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            P.spectral_norm(nn.Linear(4, 5)),
+            nn.Tanh(),
+            nn.BatchNorm1d(5),
+            P.weight_norm(nn.Linear(5, 5)),
+            nn.Tanh(),
+            P.orthogonal(nn.Linear(5, 3)),
+            nn.Linear(3, 2),
+        )
+        bn = self.net[2]
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.num_batches_tracked.fill_(3)
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def make_cases() -> dict[str, dict]:
     """name -> {"build": () -> model, "x": input shape, "train": bool, "about": text}."""
     cases: dict[str, dict] = {}
@@ -176,6 +205,8 @@ def make_cases() -> dict[str, dict]:
         "ConvTranspose1d(3, 4, 3, stride=2, padding=1), spectral_norm (dim=1)",
         train=True,
     )
+
+    add("nnx_sequential", SequentialNet, (3, 4), SequentialNet.__doc__)
 
     shapes = {"square": (4, 4), "tall": (3, 5), "wide": (5, 3)}  # Linear(in, out)
     for omap in ("matrix_exp", "cayley", "householder"):
