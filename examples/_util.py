@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 
+# The committed figures (the ones examples/README.md shows): written only when asked, with
+# ``--out examples/figures``. By default a run writes to a temporary folder and leaves the work
+# tree as it was.
 FIGURES = pathlib.Path(__file__).resolve().parent / "figures"
+DPI = 160  # readable on a slide; tests/test_examples.py checks the PNGs' resolution
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -41,10 +47,18 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=pathlib.Path,
-        default=FIGURES,
-        help=f"folder for the PNG (default {FIGURES.relative_to(FIGURES.parents[1])}/)",
+        default=default_out(),
+        help=(
+            "folder for the PNG (default: a temporary folder, %(default)s; "
+            "--out examples/figures regenerates the figures in examples/README.md)"
+        ),
     )
     return p
+
+
+def default_out() -> pathlib.Path:
+    """Where figures go unless ``--out`` says otherwise: outside the work tree."""
+    return pathlib.Path(tempfile.gettempdir()) / "paramx-examples"
 
 
 def check(label: str, value: Any, ok: bool) -> None:
@@ -81,12 +95,37 @@ def save(fig: Any, out: pathlib.Path, name: str) -> pathlib.Path:
     """Writes ``fig`` to ``out/name`` (creating ``out``), closes it, prints and returns the path."""
     import matplotlib.pyplot as plt
 
+    for problem in unlabelled_axes(fig):
+        print(f"  figure warning: {name}: {problem}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     print(f"  figure: {path}")
     return path
+
+
+def unlabelled_axes(fig: Any) -> list[str]:
+    """The axes of ``fig`` that show numeric ticks without an axis label.
+
+    An axis whose ticks are hidden, or whose tick labels are names (``set_xticklabels``), needs
+    no label; colorbars are skipped. ``save`` prints each problem as a ``figure warning`` on
+    stderr, and tests/test_examples.py fails on any.
+    """
+    from matplotlib.ticker import FixedFormatter, FuncFormatter
+
+    problems = []
+    for i, ax in enumerate(fig.axes):
+        if getattr(ax, "_colorbar", None) is not None or not ax.get_visible():
+            continue
+        title = ax.get_title() or f"axes {i}"
+        for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+            shown = axis.get_visible() and len(axis.get_ticklocs()) > 0
+            # set_xticklabels gives a FixedFormatter or, in newer matplotlib, a FuncFormatter.
+            named = isinstance(axis.get_major_formatter(), (FixedFormatter, FuncFormatter))
+            if shown and not named and not label:
+                problems.append(f"'{title}': the {axis.axis_name} axis has no label")
+    return problems
 
 
 def figure(*args: Any, **kwargs: Any) -> Any:
@@ -96,6 +135,17 @@ def figure(*args: Any, **kwargs: Any) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Sizes legible on a slide; a script's own fontsize= arguments would override them.
+    plt.rcParams.update(
+        {
+            "font.size": 11,
+            "axes.titlesize": 12,
+            "axes.labelsize": 11,
+            "legend.fontsize": 10,
+            "xtick.labelsize": 10,
+            "ytick.labelsize": 10,
+        }
+    )
     return plt.subplots(*args, **kwargs)
 
 

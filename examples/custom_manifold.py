@@ -270,12 +270,12 @@ def plot(
     hist: dict, plain_hist: dict, best_nll: float, true_cov: np.ndarray, failure: Any, args: Any
 ) -> Any:
     """Loss, eigenvalue trajectories and covariance ellipses, in one figure."""
-    fig, (ax_loss, ax_eig, ax_ell) = _util.figure(1, 3, figsize=(12.5, 3.8))
+    fig, (ax_loss, ax_eig, ax_ell) = _util.figure(1, 3, figsize=(14, 4.2), layout="constrained")
     for ax in (ax_loss, ax_eig):
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlim(0, args.steps)
     gap = np.maximum(hist["nll"] - best_nll, 1e-7)
-    ax_loss.semilogy(hist["step"], gap, label="SPD chain [symmetric, spd_exp]")
+    ax_loss.semilogy(hist["step"], gap, label="SPD chain")
     ok = np.isfinite(plain_hist["nll"])
     plain_gap = np.maximum(plain_hist["nll"][ok] - best_nll, 1e-7)
     ax_loss.semilogy(np.asarray(plain_hist["step"])[ok], plain_gap, label="unconstrained")
@@ -284,10 +284,10 @@ def plot(
             failure[0],
             color="C1",
             ls=":",
-            label=f"unconstrained leaves the SPD cone (step {failure[0]})",
+            label=f"leaves the SPD cone (step {failure[0]})",
         )
-    ax_loss.set(xlabel="step", ylabel="NLL - NLL of the closed-form MLE", title="loss (full data)")
-    ax_loss.legend(fontsize=8)
+    ax_loss.set(xlabel="step", ylabel="NLL gap to the closed-form MLE", title="loss (full data)")
+    ax_loss.legend(loc="upper right")
 
     # Every step up to 30, then about 300 log-spaced ones (a lighter figure, the same curves).
     steps = np.unique(
@@ -316,9 +316,8 @@ def plot(
         ylabel="smallest true eigenvector",
         title="1-sigma ellipses in that plane",
     )
-    ax_ell.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax_ell.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"Maximum-likelihood Gaussian in {args.dim} dimensions, cov = expm(symmetric(X))")
-    fig.tight_layout()
     return fig
 
 

@@ -110,13 +110,15 @@ def train(model, x, y, steps, smoke=False):
 def plot(model, losses, out):
     fig, (a, b) = _util.figure(1, 2, figsize=(10, 3.6))
     a.semilogy(np.arange(1, len(losses) + 1), losses)
-    a.set(title="training loss (MSE)", xlabel="step")
+    a.set(title="training loss (MSE)", xlabel="step", ylabel="mean squared error")
     labels = ["l1 weight_norm", "l2 orthogonal", "l3 spectral_norm", "l4 plain"]
     for i, (layer, label) in enumerate(zip((model.l1, model.l2, model.l3, model.l4), labels)):
         s = np.linalg.svd(np.asarray(layer.kernel[...]), compute_uv=False)
         b.plot(np.full(s.shape, i), s, "o", alpha=0.6, label=label)
     b.axhline(1.0, color="gray", lw=0.8)
-    b.set(title="singular values of each kernel (eval mode)", xticks=range(4))
+    b.set(
+        title="singular values of each kernel (eval mode)", xticks=range(4), ylabel="singular value"
+    )
     b.set_xticklabels(["l1", "l2", "l3", "l4"])
     b.legend(fontsize=7)
     _util.save(fig, out, "nnx_training.png")

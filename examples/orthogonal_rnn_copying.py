@@ -254,17 +254,18 @@ def plot(runs: dict[str, dict[str, Any]], baseline: float, args: Any) -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("cross-entropy per step")
     ax.set_title(f"copying task: K={args.symbols}, delay={args.delay}, batch {args.batch}")
-    ax.legend(fontsize=8)
+    ax.legend()
     t = np.linspace(0, 2 * np.pi, 200)
     axe.plot(np.cos(t), np.sin(t), color="0.6", lw=0.8)
     for name, run in runs.items():
         if name != "lstm":
             ev = np.linalg.eigvals(run["w"])
             axe.scatter(ev.real, ev.imag, s=6, label=MODELS[name])
-    axe.set(aspect="equal", xlim=(-1.2, 1.2), ylim=(-1.2, 1.2))
+    axe.set(aspect="equal", xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), xlabel="real part")
+    axe.set_ylabel("imaginary part")
     axe.set_title("eigenvalues of the trained W")
     if any(run["w"] is not None for run in runs.values()):
-        axe.legend(fontsize=7, loc="center")
+        axe.legend(loc="center")
     _util.save(fig, args.out, "orthogonal_rnn_copying.png")
 
 

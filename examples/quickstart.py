@@ -111,13 +111,13 @@ def kernels(plain):
 
 
 def plot(losses, model, plain, out):
-    fig, (a, b, c) = _util.figure(1, 3, figsize=(13, 3.6))
+    fig, (a, b, c) = _util.figure(1, 3, figsize=(14, 3.8), layout="constrained")
     a.semilogy(np.arange(1, len(losses) + 1), losses)
-    a.set(title="training loss (MSE)", xlabel="step")
+    a.set(title="training loss", xlabel="step", ylabel="mean squared error")
     line = jnp.stack([jnp.linspace(-2, 2, 200), jnp.full(200, 0.5)], axis=1)
     b.plot(line[:, 0], target(line)[:, 0], "k--", label="target")
     b.plot(line[:, 0], model.apply(plain, line)[:, 0], label="trained MLP")
-    b.set(title="a slice of the fit (x1 = 0.5)", xlabel="x0")
+    b.set(title="a slice of the fit (x1 = 0.5)", xlabel="x0", ylabel="f(x0, 0.5)")
     b.legend()
     names = ["W0 weight_norm", "W1 orthogonal", "W2 spectral_norm", "W3 plain"]
     for i, (w, name) in enumerate(zip(kernels(plain), names)):
@@ -128,8 +128,10 @@ def plot(losses, model, plain, out):
         title="singular values of each kernel",
         xticks=range(4),
         xticklabels=["W0", "W1", "W2", "W3"],
+        xlabel="kernel",
+        ylabel="singular value",
     )
-    c.legend(fontsize=7)
+    c.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _util.save(fig, out, "quickstart.png")
 
 

@@ -189,7 +189,7 @@ def plot(
     ax.set_title("discriminator logit (final)")
     for ax in axes.flat:
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-    axes.flat[0].legend(loc="upper right", markerscale=4, fontsize=8)
+    axes.flat[0].legend(loc="upper right", markerscale=6)
     fig.suptitle("GAN with a spectrally normalized discriminator: 8 Gaussians")
     _util.save(fig, args.out, "spectral_norm_gan.png")
 

@@ -151,7 +151,7 @@ def plot(
         ax.plot([], [], c=colors[name], label=f"{name} boundary")
     ax.set(aspect="equal", xticks=[], yticks=[], title="decision boundaries (best lr, seed 0)")
     for ax in axes.flat:
-        ax.legend(fontsize=8)
+        ax.legend()
     fig.suptitle("Same MLP, same start, SGD + momentum: plain vs weight norm (two spirals)")
     _util.save(fig, args.out, "weight_norm_mlp.png")
 

@@ -1,7 +1,35 @@
 """paramx: PyTorch's parametrizations for JAX and Flax, functional and stateless.
 
-Register a parametrization on a leaf of a parameter tree, train the raw originals, and
-materialize the constrained tree at apply time. See ``docs/design.md``.
+torch's ``torch.nn.utils.parametrize`` (``register_parametrization``, ``orthogonal``,
+``spectral_norm``, ``weight_norm``) on the parameter trees that ``model.init`` returns:
+
+1. register a parametrization on a leaf (``register_parametrization`` or a built-in:
+   ``orthogonal``, ``spectral_norm``, ``weight_norm``); this returns a new tree;
+2. ``params, state = split_state(tree)``: the optimizer gets ``params`` (the raw originals),
+   never ``state`` (spectral norm's u and v, orthogonal's base);
+3. in each step, ``materialize(params, state, update_state=True)`` gives the plain tree that
+   ``model.apply`` reads (and the new state); ``materialize(tree)`` for evaluation.
+
+Examples:
+  >>> import flax.linen as nn
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import paramx as px
+  >>> model = nn.Dense(3)
+  >>> x = jnp.ones((2, 3))
+  >>> tree = px.orthogonal(model.init(jax.random.key(0), x), "params/kernel")
+  >>> params, state = px.split_state(tree)  # params -> optax: tx.init(params)
+  >>> variables = px.materialize(params, state)  # what model.apply reads
+  >>> k = variables["params"]["kernel"]
+  >>> bool(jnp.allclose(k.T @ k, jnp.eye(3), atol=1e-5))
+  True
+  >>> model.apply(variables, x).shape
+  (2, 3)
+
+Namespaces: ``paramx.linen`` (``Parametrize``, declared in a linen model), ``paramx.nnx``
+(torch's in-place API on NNX modules), ``paramx.interop`` (PyTorch ``state_dict`` files). The
+guides are ``README.md``, ``docs/design.md`` and ``docs/flax.md``; the API reference is built
+from these docstrings with ``mkdocs build`` (``mkdocs.yml``).
 """
 
 from paramx import interop as interop
@@ -61,3 +89,8 @@ __all__ = [
     "transfer_parametrizations_and_params",
     "weight_norm",
 ]
+
+
+def __dir__() -> list[str]:
+    # help(paramx) and dir(paramx) show the public surface, not the private modules.
+    return sorted([*__all__, "__version__", "interop", "linen", "nnx"])

@@ -116,9 +116,9 @@ def test_orthogonal_assign(omap, shape):
 @pytest.mark.parametrize("shape", [(5, 5), (6, 3), (3, 6)])
 @pytest.mark.parametrize("omap", MAPS)
 def test_orthogonal_gradient_is_zero_on_unused_entries(omap, shape):
-    tree = px.orthogonal({"w": _normal(shape, jnp.float64)}, "w", omap)
+    params, state = px.split_state(px.orthogonal({"w": _normal(shape, jnp.float64)}, "w", omap))
     probe = _normal(shape, jnp.float64, seed=5)
-    grads = jax.grad(lambda t: jnp.sum(px.materialize(t)["w"] * probe))(tree)
+    grads = jax.grad(lambda p: jnp.sum(px.materialize(p, state)["w"] * probe))(params)
     g = _tall(grads["w"].original)
     assert float(jnp.max(jnp.abs(jnp.triu(g)))) == 0.0  # strict upper triangle and diagonal
     assert float(jnp.max(jnp.abs(jnp.tril(g, -1)))) > 0.0
@@ -156,6 +156,42 @@ def test_orthogonal_without_trivialization_after_adam(omap):
         px.orthogonal({"w": _normal((6, 4), jnp.float32)}, "w", omap, use_trivialization=False)
     )
     assert orthogonality_error(q) <= threshold(q)
+
+
+# torch 2.13's orthogonality error, max |Q^T Q - I| (largest over a batch of 16), after 1,000
+# Adam steps on a fixed problem; measured by tests/golden/measure_orthogonality.py (torch on
+# CPU, one thread; with trivialization the smallest over 5 torch seeds, since torch completes
+# the base with random columns). The test below runs the same problem with paramx.
+TORCH_ORTHOGONALITY_ERROR = {
+    ("matrix_exp", True): 1.15e-06,
+    ("matrix_exp", False): 2.19e-06,
+    ("cayley", True): 3.39e-07,
+    ("cayley", False): 2.72e-07,
+    ("householder", True): 3.63e-07,
+    ("householder", False): 2.28e-07,
+}
+
+
+@pytest.mark.parametrize("triv", [True, False])
+@pytest.mark.parametrize("omap", MAPS)
+def test_orthogonal_is_at_least_as_accurate_as_torch_after_training(omap, triv):
+    rng = np.random.default_rng(0)  # the data of measure_orthogonality.py
+    w = jnp.asarray(rng.standard_normal((16, 12, 5)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal((16, 12, 5)), jnp.float32)
+    params, state = px.split_state(px.orthogonal({"w": w}, "w", omap, use_trivialization=triv))
+    tx = optax.adam(1e-2)
+
+    def body(_, carry):
+        params, opt_state = carry
+        loss = lambda p: jnp.sum((px.materialize(p, state)["w"] - target) ** 2)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction
+            updates, opt_state = tx.update(jax.grad(loss)(params), opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, _ = jax.jit(lambda p: jax.lax.fori_loop(0, 1000, body, (p, tx.init(p))))(params)
+    q = np.asarray(px.materialize(params, state)["w"], np.float64)  # tall: no transposition
+    error = np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(5)).max()
+    assert error <= TORCH_ORTHOGONALITY_ERROR[omap, triv], error
 
 
 # --- spectral_norm ----------------------------------------------------------------------------
@@ -215,14 +251,14 @@ def test_spectral_norm_no_gradient_through_u_v():
     w = _normal((4, 3), jnp.float64)
     tree = px.spectral_norm({"k": w}, "k")
     u, v = tree["k"].state["0"]["u"], tree["k"].state["0"]["v"]
-    grads = jax.grad(lambda t: jnp.sum(px.materialize(t)["k"] ** 2))(tree)
+    params, state = px.split_state(tree)
+    grads = jax.grad(lambda p: jnp.sum(px.materialize(p, state)["k"] ** 2))(params)
 
     def by_hand(w):  # u and v are constants
         sigma = jnp.vdot(u, w.T @ v)
         return jnp.sum((w / sigma) ** 2)
 
-    assert_close(grads["k"].original, jax.grad(by_hand)(w))
-    assert float(jnp.max(jnp.abs(grads["k"].state["0"]["u"]))) == 0.0
+    assert_close(grads["k"].original, jax.grad(by_hand)(w))  # u and v are constants
 
 
 def test_spectral_norm_axis_name_keeps_replicas_in_agreement():
@@ -237,6 +273,24 @@ def test_spectral_norm_axis_name_keeps_replicas_in_agreement():
     _, new_state = jax.jit(replicas)(stacked)
     u = new_state["k"]["0"]["u"]
     np.testing.assert_array_equal(u[0], u[1])
+
+
+def test_builtins_on_a_stack_of_layers_work_per_layer():
+    # An nn.scan stack (3 layers of (4, 5) kernels): each layer gets its own constraint.
+    stack = (
+        _normal((3, 4, 5), jnp.float32) * jnp.array([1.0, 10.0, 100.0], jnp.float32)[:, None, None]
+    )
+    tree = px.spectral_norm({"k": stack}, "k", batch_axes=1)
+    assert tree["k"].state["0"]["u"].shape == (3, 5)
+    params, state = px.split_state(tree)
+    for _ in range(5):
+        _, state = px.materialize(params, state, update_state=True)
+    out = px.materialize(params, state)["k"]
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(out), 2, axis=(-2, -1)), 1.0, rtol=1e-4)
+    g, _ = px.originals(px.weight_norm({"k": stack}, "k", batch_axes=1), "k")
+    assert g.shape == (3, 1, 5)
+    q = px.materialize(px.orthogonal({"k": stack}, "k", batch_axes=1))["k"]
+    assert orthogonality_error(q) <= threshold(q)
 
 
 # --- weight_norm ------------------------------------------------------------------------------
@@ -322,3 +376,14 @@ def test_builtins_multiply_at_full_precision(omap, triv):
         lambda p: jnp.sum(px.materialize(p, s, update_state=True)[0]["w"] ** 2)
     )(p)
     assert _all_highest(_dot_precisions(jax.make_jaxpr(step)(params, state).jaxpr))
+
+    # weight norm has no matrix product; a chain of all three multiplies at HIGHEST too.
+    tree = px.weight_norm({"w": w}, "w")
+    tree = px.spectral_norm(tree, "w")
+    tree = px.register_parametrization(tree, "w", px.Orthogonal(omap, use_trivialization=triv))
+    params, state = px.split_state(tree)
+    assert _all_highest(_dot_precisions(jax.make_jaxpr(step)(params, state).jaxpr))
+    params, _ = px.split_state(px.weight_norm({"w": w}, "w"))
+    loss = lambda p: jnp.sum(px.materialize(p)["w"] ** 2)
+    precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert not precisions or _all_highest(precisions)

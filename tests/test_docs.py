@@ -2,6 +2,7 @@
 
 import importlib
 import inspect
+import re
 
 import pytest
 from conftest import run_python
@@ -49,3 +50,23 @@ sys.exit(1 if sum(r.failed for r in results) else 0)
         run = run_python("-c", script, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert int(run.stdout.split("attempted")[-1]) > 50
+
+
+def test_help_gives_an_overview_and_hides_private_modules():
+    # help(paramx) is pydoc's text: the docstring (with a runnable example, checked by the
+    # doctests above) and the package's public contents, without paramx._src.
+    import pydoc
+
+    text = pydoc.render_doc(px, renderer=pydoc.plaintext)
+    overview = text.split("PACKAGE CONTENTS")[0]
+    assert ">>>" in overview and "split_state" in overview and "materialize" in overview
+    sections = re.split(r"\n(?=[A-Z][A-Z ]+\n)", text)
+    listed = [
+        line.strip()
+        for section in sections
+        if section.startswith(("PACKAGE CONTENTS", "SUBMODULES"))
+        for line in section.splitlines()[1:]
+    ]
+    assert {"interop", "linen", "nnx"} <= set(listed), listed
+    private = [name for name in listed if name.startswith("_")]
+    assert not private, f"help(paramx) lists private modules: {private}"

@@ -35,14 +35,37 @@ def _mT(x):
 
 
 # --- orthogonal -------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", _cases("orthogonal", "forward", "forward_int_diag"))
-def test_orthogonal_forward_from_given_originals(case):
+def _forward(case):
+    """paramx's forward on the case's original and base, back in torch's layout."""
     p = px.Orthogonal(case["orthogonal_map"], case["use_trivialization"])
     state = {"base": jnp.asarray(case["base"])} if case["use_trivialization"] else None
     # Flax layout: the transpose; the base is the same (it lives in the tall orientation).
     flax_original = _mT(case["original"])
     out = jax.jit(lambda x, s: p.forward(x, params=None, state=s))(flax_original, state)
-    _close(_mT(out), case["weight"], case)
+    return np.asarray(_mT(out))
+
+
+@pytest.mark.parametrize("case", _cases("orthogonal", "forward"))
+def test_orthogonal_forward_from_given_originals(case):
+    _close(_forward(case), case["weight"], case)
+
+
+@pytest.mark.parametrize("case", _cases("orthogonal", "forward_int_diag"))
+def test_householder_forward_with_a_diagonal_other_than_signs(case):
+    # torch multiplies column j (tall orientation) by int(X[j, j]): 0 for |X[j, j]| < 1, so
+    # its value is not orthogonal there. paramx multiplies by the sign (orthogonal.py's
+    # docstring): it agrees with torch where 1 <= |X[j, j]| < 2 and differs elsewhere only by
+    # that factor; where torch's column is 0, paramx's is a unit column orthogonal to the rest.
+    tall = (lambda x: np.swapaxes(x, -1, -2)) if case["transposed"] else (lambda x: x)
+    ours, torch_value = tall(_forward(case)), tall(case["weight"])
+    d = np.diagonal(tall(case["original"]), axis1=-2, axis2=-1)
+    trunc, sign = np.trunc(d), np.where(d >= 0, 1.0, -1.0)
+    assert np.any(trunc == 0) and np.any(np.abs(trunc) >= 2)  # the golden covers both cases
+    kept = trunc != 0
+    _close(ours[..., kept] * (trunc / sign)[kept], torch_value[..., kept], case)
+    assert np.all(torch_value[..., ~kept] == 0)
+    gram = ours.T @ ours
+    _close(gram, np.eye(gram.shape[0]), case, scale=10)
 
 
 @pytest.mark.parametrize("case", _cases("orthogonal", "registration"))

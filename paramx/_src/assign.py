@@ -16,37 +16,36 @@ from paramx._src import paths
 def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     """Sets a parametrized tensor to ``value``; returns a new tree.
 
-        Runs every link's ``right_inverse`` in reverse order, as torch does on
-        ``module.weight = value``, and stores the resulting originals (and any state a
-        ``right_inverse`` returns, e.g. a new orthogonal base). The parametrizations' own
-        learnable arrays are kept. Unless the tensor was registered with ``unsafe=True``, the
-        originals must keep their shapes (torch does not check this; a silent shape change would
-        break optimizer state), and they always keep their dtypes, as in torch.
+    Runs every link's ``right_inverse`` in reverse order, as torch does on
+    ``module.weight = value``, and stores the resulting originals (and any state a
+    ``right_inverse`` returns, e.g. a new orthogonal base). The parametrizations' own
+    learnable arrays are kept. Unless the tensor was registered with ``unsafe=True``, the
+    originals must keep their shapes (torch does not check this; a silent shape change would
+    break optimizer state), and they always keep their dtypes, as in torch.
 
-        Args:
-          tree: A registered tree.
-          where: The path of one parametrized tensor (a string or a tuple of keys), or a
-            predicate selecting several; each gets the same value.
-          value: The new value of the tensor.
+    Args:
+      tree: A registered tree.
+      where: The path of one parametrized tensor (a string or a tuple of keys), or a
+        predicate selecting several; each gets the same value.
+      value: The new value of the tensor.
 
-        Returns:
-          The new tree.
+    Returns:
+      The new tree.
 
-        Raises:
-          RuntimeError: If a link has no ``right_inverse``. A ``NotImplementedError`` raised by a
-            ``right_inverse`` reaches you unchanged.
-          ValueError: If the tensor is not parametrized, if ``value`` has the wrong shape or dtype,
-            or if the chain returns something of the wrong type, length or dtype.
+    Raises:
+      RuntimeError: If a link has no ``right_inverse``. A ``NotImplementedError`` raised by a
+        ``right_inverse`` reaches you unchanged.
+      ValueError: If the tensor is not parametrized, if ``value`` has the wrong shape or dtype,
+        or if the chain returns something of the wrong type, length or dtype.
 
-        Examples:
-          >>> import jax
-    import jax.numpy as jnp
-          >>> import paramx as px
-          >>> positive = px.Parametrization(forward=jnp.exp, right_inverse=jnp.log)
-          >>> tree = px.register_parametrization({"s": jnp.ones(2)}, "s", positive)
-          >>> tree = px.assign(tree, "s", jnp.array([2.0, 3.0]))
-          >>> px.materialize(tree)["s"]
-          Array([2., 3.], dtype=float32)
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> positive = px.Parametrization(forward=jnp.exp, right_inverse=jnp.log)
+      >>> tree = px.register_parametrization({"s": jnp.ones(2)}, "s", positive)
+      >>> tree = px.assign(tree, "s", jnp.array([2.0, 3.0]))
+      >>> px.materialize(tree)["s"]
+      Array([2., 3.], dtype=float32)
     """
     if not ch.is_array(value):
         raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")

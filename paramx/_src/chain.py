@@ -7,9 +7,9 @@ path of the tensor; see ``shared/reference/torch-parametrize.md`` for torch's te
 from __future__ import annotations
 
 import contextlib
-import re
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 

@@ -1,25 +1,51 @@
-"""Small numeric helpers shared by the built-in parametrizations."""
+"""Small numeric helpers shared by the built-in parametrizations, and their option checks."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def compute_dtype(dtype: Any) -> Any:
-    """The dtype to compute in: float32 for bfloat16 and float16 inputs, else the input's."""
-    low = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return jnp.float32 if low else dtype
+    """The dtype to compute in: float32 for floats narrower than 32 bits (bfloat16, float16,
+    the float8 types), else the input's."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
-def normalize_axis(dim: int, ndim: int) -> int:
+def check_dtype(x: Any, name: str, *, complex_ok: bool = True, hint: str = "") -> None:
+    """Refuses a tensor that is not floating point (or complex, where ``complex_ok``).
+
+    An integer or boolean tensor has no useful image under any built-in (a norm rounds to an
+    integer, a QR factor does not exist), so it is refused instead of computed wrongly.
+    """
+    dtype = jnp.dtype(x.dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        if complex_ok:
+            return
+        raise TypeError(f"{name} does not support complex tensors (got {dtype.name}). {hint}")
+    kinds = "a floating-point or complex" if complex_ok else "a floating-point"
+    raise TypeError(
+        f"{name} needs {kinds} tensor; got dtype {dtype.name}. Cast the tensor to a float dtype "
+        f"(e.g. `x.astype(jnp.float32)`) before registering, or leave this leaf unparametrized."
+    )
+
+
+def normalize_axis(dim: int, ndim: int, hint: str = "") -> int:
     """``dim`` as a non-negative axis; torch's IndexError text when it is out of range."""
     if dim >= ndim or dim < -ndim:
         raise IndexError(
             f"Dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}] but "
-            f"got {dim})"
+            f"got {dim}). {hint}".rstrip()
         )
     return dim % ndim
 
@@ -42,3 +68,64 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     default, and so does paramx, inside its built-ins. On CPU this changes nothing.
     """
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+# ----- option checks (run by the built-ins' __post_init__) --------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def option_int(owner: str, name: str, value: Any) -> int:
+    """``value`` as a Python int; a bool, a float or an array is refused (TypeError)."""
+    if not _is_int(value) or isinstance(value, jax.Array):
+        raise TypeError(
+            f"{owner}: {name} must be an int; got {value!r} ({type(value).__name__}). Pass a "
+            f"Python int such as {name}=1."
+        )
+    return int(value)
+
+
+def option_dim(owner: str, value: Any, *, default: str) -> int | None:
+    """An axis option: an int (not a bool) or None."""
+    if value is None:
+        return None
+    if not _is_int(value) or isinstance(value, jax.Array):
+        raise TypeError(
+            f"{owner}: dim must be an int (an axis of the tensor) or None ({default}); got "
+            f"{value!r} ({type(value).__name__})."
+        )
+    return int(value)
+
+
+def option_bool(owner: str, name: str, value: Any) -> bool:
+    """``value`` as a Python bool; only True, False (and numpy's bools) are accepted."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(
+        f"{owner}: {name} must be True or False; got {value!r} ({type(value).__name__})."
+    )
+
+
+def option_positive_float(owner: str, name: str, value: Any) -> float:
+    """A positive, finite real number, as a Python float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool | jax.Array):
+        raise TypeError(
+            f"{owner}: {name} must be a positive real number; got {value!r} "
+            f"({type(value).__name__})."
+        )
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{owner}: {name} must be positive and finite; got {name}={value}. It is the floor of "
+            f"the norms it divides by: {name}=0 gives 0/0 = NaN for a zero tensor. The default is "
+            f"1e-12, as in torch."
+        )
+    return value
+
+
+def option_name(owner: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: name must be a str; got {value!r} ({type(value).__name__}).")
+    return value

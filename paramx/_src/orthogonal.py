@@ -18,12 +18,40 @@ Maps (on the tall orientation X of shape (n, k), n >= k, torch's working matrix)
 * ``matrix_exp`` / ``cayley``: A = tril(X) padded with zero columns to n x n, skew part
   A - A^H, then exp or the Cayley map, first k columns.
 * ``householder`` (real only): the strictly lower part of X holds reflectors with
-  tau = 2 / (1 + |a|^2), column signs from the integer part of X's diagonal.
+  tau = 2 / (1 + |a|^2), column signs from the signs of X's diagonal (+1 for a zero entry).
+
+Column signs: a difference from torch. torch multiplies column j by ``int(X[j, j])``, the
+diagonal truncated toward zero. ``right_inverse`` stores +-1 there, so both agree as long as
+the diagonal stays +-1; but weight decay (``optax.adamw`` pulls -1 to -0.9999), a chained
+registration (the diagonal of a spectral-normed or ``tanh``-ed tensor lies in (-1, 1)) or a
+rank-deficient value put other numbers there, and torch's column becomes 0 (|X[j, j]| < 1)
+or is scaled by 2, 3, ... (|X[j, j]| >= 2): the value is no longer orthogonal, and a zero
+column gets no gradient back. paramx uses the sign instead, so the value is orthogonal for
+every X; the two agree (to rounding) wherever torch's value is orthogonal (1 <= |X[j, j]| < 2).
+No gradient flows into the diagonal in either.
+
+Accuracy. The value (after the base, if any) ends with one Newton-Schulz step,
+Q <- Q + Q (I - Q^H Q) / 2, which turns an error E = I - Q^H Q into O(E^2): what is left is
+the rounding of Q^H Q itself, for every map. Measured after 1,000 Adam steps on 16 float32
+(12, 5) kernels (``tests/golden/measure_orthogonality.py`` for torch 2.13), max |Q^T Q - I|
+is 0.9-1.5e-7 for every map and setting, against 2.3e-7 to 2.2e-6 for torch; at (64, 32)
+both sit at float32's rounding floor, 2-4e-7 (torch's matrix_exp: 5e-6). On the manifold the
+step is the identity, and its derivative is the identity on tangent directions, so gradients
+are unchanged. An exactly orthogonal value (E = 0) passes through unchanged.
 
 With ``use_trivialization=True`` (the default), the state holds an orthogonal ``base`` and
 the value is ``base @ map(X)``; registering (or assigning) a value Q sets ``base`` from Q
 and the original to -I, so the value right after registration is the Q factor of the
-registered matrix (positive diagonal of R), exactly.
+registered matrix (positive diagonal of R), to rounding. A square Q is kept as it is only if it
+is orthogonal to torch's tolerance 10 n eps on every entry of |Q^H Q - I|; torch's
+``allclose`` also allows 1e-5 on the diagonal (its rtol), which keeps e.g. a float32
+orthogonal init cast to float64 (error 1e-7 there) as the base for the whole of training.
+paramx takes its Q factor instead, orthogonal to 1e-16.
+
+Validation: options are checked when the dataclass is built; the tensor (at least 2-D,
+floating point, not complex for householder) at registration; an assigned value must have
+the registered batch and matrix size (torch's "Expected a matrix or batch of matrices of
+shape ..."). Zero-size tensors are accepted (their value is empty).
 """
 
 from __future__ import annotations
@@ -34,9 +62,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from paramx._src import numerics
 from paramx._src.numerics import compute_dtype, matmul, missing_state
 
 _MAPS = ("matrix_exp", "cayley", "householder")
+_OWNER = "Orthogonal"
 
 
 def _mT(x: jax.Array) -> jax.Array:
@@ -61,6 +91,11 @@ def _eye_like(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(n, k, dtype=x.dtype), x.shape)
 
 
+def _signs(d: jax.Array) -> jax.Array:
+    """+1 where ``d >= 0`` (zero included), -1 elsewhere; never 0, unlike ``sign``."""
+    return jnp.where(d >= 0, jnp.ones_like(d), -jnp.ones_like(d))
+
+
 def _make_orthogonal(a: jax.Array) -> jax.Array:
     """The Q factor of a tall ``a`` with a real, non-negative diagonal of R."""
     q, r = jnp.linalg.qr(a)
@@ -71,12 +106,16 @@ def _make_orthogonal(a: jax.Array) -> jax.Array:
 
 
 def _is_orthogonal(q: jax.Array) -> jax.Array:
-    """torch's test: allclose(Q^H Q, I) with atol = 10 * n * eps and rtol = 1e-5."""
+    """Whether every entry of |Q^H Q - I| is at most 10 * n * eps (torch's atol).
+
+    torch's ``allclose`` adds rtol = 1e-5 relative to I, i.e. on the diagonal: a float32
+    orthogonal matrix cast to float64 passes it and would stay 1e-7 away from orthogonal.
+    """
     n, k = q.shape[-2:]
     eps = jnp.finfo(q.dtype).eps
     gram = matmul(_mH(q), q)
     err = jnp.abs(gram - jnp.broadcast_to(jnp.eye(k, dtype=q.dtype), gram.shape))
-    return jnp.all(err <= 10.0 * n * eps + 1e-5)
+    return jnp.all(err <= 10.0 * n * eps)
 
 
 def _complete_base(q: jax.Array) -> jax.Array:
@@ -113,6 +152,18 @@ def _householder_q(a: jax.Array) -> jax.Array:
     return eye - matmul(v, w)
 
 
+def _newton_schulz(q: jax.Array) -> jax.Array:
+    """One Newton-Schulz step towards the orthogonal polar factor: Q + Q (I - Q^H Q) / 2.
+
+    The error E = I - Q^H Q of a nearly orthogonal Q becomes O(E^2): what is left is the
+    rounding of this product itself. On the manifold (E = 0) the step and, on tangent
+    directions, its derivative are the identity, so gradients are unchanged.
+    """
+    k = q.shape[-1]
+    e = jnp.broadcast_to(jnp.eye(k, dtype=q.dtype), (*q.shape[:-2], k, k)) - matmul(_mH(q), q)
+    return q + 0.5 * matmul(q, e)
+
+
 @dataclasses.dataclass(frozen=True)
 class Orthogonal:
     """The orthogonal parametrization; register it with :func:`paramx.orthogonal`.
@@ -123,6 +174,11 @@ class Orthogonal:
         ``householder``.
       use_trivialization: Keep an orthogonal ``base`` as state (the dynamic trivialization
         framework); the value is ``base @ map(original)``.
+
+    Raises:
+      ValueError, TypeError: At construction, for an unknown map or an option of the wrong
+        type; at registration, for a tensor of fewer than 2 dimensions, an integer or boolean
+        tensor, or householder with a complex one.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -140,26 +196,38 @@ class Orthogonal:
     name: str = "orthogonal"
 
     def __post_init__(self) -> None:
-        if self.orthogonal_map is not None and self.orthogonal_map not in _MAPS:
-            raise ValueError(
+        m = self.orthogonal_map
+        if m is not None and (not isinstance(m, str) or m not in _MAPS):
+            error = ValueError if isinstance(m, str) else TypeError
+            raise error(
                 'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
-                f"Got: {self.orthogonal_map}"
+                f"Got: {m!r}. Pass one of these names, or None for torch's default "
+                "(matrix_exp for square or complex matrices, householder otherwise)."
             )
+        triv = numerics.option_bool(_OWNER, "use_trivialization", self.use_trivialization)
+        object.__setattr__(self, "use_trivialization", triv)
+        numerics.option_name(_OWNER, self.name)
 
     # ----- shape rules -------------------------------------------------------------------
     def map_for(self, x: Any) -> str:
-        """The map used for a tensor of ``x``'s shape and dtype."""
+        """The map used for a tensor of ``x``'s shape and dtype (validating both)."""
         if len(x.shape) < 2:
             raise ValueError(
                 f"Expected a matrix or batch of matrices. Got a tensor of {len(x.shape)} "
-                f"dimensions."
+                f"dimensions. orthogonal acts on the last two axes (a batch of matrices "
+                f"before them); register it on a kernel, not on a bias or a scalar."
             )
+        numerics.check_dtype(x, "orthogonal")
         complex_ = jnp.issubdtype(x.dtype, jnp.complexfloating)
         name = self.orthogonal_map
         if name is None:
             name = "matrix_exp" if x.shape[-2] == x.shape[-1] or complex_ else "householder"
         if name == "householder" and complex_:
-            raise ValueError("The householder parametrization does not support complex tensors.")
+            raise ValueError(
+                "The householder parametrization does not support complex tensors. Use "
+                'orthogonal_map="matrix_exp" or "cayley" (or None, which picks matrix_exp '
+                "for complex tensors)."
+            )
         return name
 
     # ----- the protocol --------------------------------------------------------------------
@@ -171,6 +239,10 @@ class Orthogonal:
 
     def forward(self, x: jax.Array, *, params: Any, state: Any) -> jax.Array:
         name = self.map_for(x)
+        if state is None and self.use_trivialization:
+            raise missing_state("orthogonal", "the base")
+        if x.size == 0:  # an empty matrix (or batch) is orthogonal as it is
+            return x
         dtype = x.dtype
         x = x.astype(compute_dtype(dtype))
         flip = _flip(x)
@@ -179,7 +251,8 @@ class Orthogonal:
         n, k = x.shape[-2:]
         if name == "householder":
             q = _householder_q(jnp.tril(x, -1))
-            signs = jax.lax.stop_gradient(jnp.trunc(jnp.diagonal(x, axis1=-2, axis2=-1)))
+            # torch multiplies by int(diag), which zeroes columns whose |diag| < 1: signs only.
+            signs = jax.lax.stop_gradient(_signs(jnp.diagonal(x, axis1=-2, axis2=-1)))
             q = q * signs[..., None, :]
         else:
             from paramx._src import linalg
@@ -191,35 +264,57 @@ class Orthogonal:
             q = (linalg.expm_skew if name == "matrix_exp" else linalg.cayley)(a)[..., :k]
         if state is not None:
             q = matmul(state["base"].astype(q.dtype), q)
-        elif self.use_trivialization:
-            raise missing_state("orthogonal", "the base")
+        q = _newton_schulz(q)
         if flip:
             q = _mT(q)
         return q.astype(dtype)
 
     def right_inverse(self, q: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         name = self.map_for(q)
+        self._check_shape(q, state)
         if not self.use_trivialization:
             if name != "householder":
                 raise NotImplementedError(
                     "It is not possible to assign to the matrix exponential or the Cayley "
-                    "parametrizations when use_trivialization=False."
+                    "parametrizations when use_trivialization=False. Register with "
+                    'use_trivialization=True (the default) or orthogonal_map="householder" '
+                    "to assign values, or remove the parametrization and register it again "
+                    "on the new value."
                 )
             return self._householder_inverse(q), state
         neg_id = -_eye_like(q)
         return neg_id, {"base": self._base(q)}
 
     # ----- helpers -------------------------------------------------------------------------
+    def _check_shape(self, q: Any, state: Any) -> None:
+        """torch's shape check on assignment, as far as the state (the base) tells the shape."""
+        base = None if state is None else state.get("base")
+        if base is None:
+            return  # without a base the core checks the originals' shapes
+        batch, size = tuple(base.shape[:-2]), base.shape[-1]
+        if tuple(q.shape[:-2]) != batch or max(q.shape[-2:]) != size:
+            lead = ", ".join(map(str, batch)) + (", " if batch else "")
+            raise ValueError(
+                f"Expected a matrix or batch of matrices of shape ({lead}{size}, k) or "
+                f"({lead}k, {size}) with k <= {size}, the registered tensor's shape. Got a "
+                f"tensor of shape {tuple(q.shape)}. Assign a value of the tensor's own shape."
+            )
+
     def _base(self, q: jax.Array) -> jax.Array:
         dtype = compute_dtype(q.dtype)
         q = q.astype(dtype)
         if _flip(q):
             q = _mT(q)
+        n = q.shape[-2]
+        if q.size == 0:  # nothing to keep: the identity (an empty batch stays empty)
+            return jnp.broadcast_to(jnp.eye(n, dtype=dtype), (*q.shape[:-2], n, n))
         if q.shape[-2] == q.shape[-1]:
             return jnp.where(_is_orthogonal(q), q, _make_orthogonal(q))
         return _complete_base(q)
 
     def _householder_inverse(self, q: jax.Array) -> jax.Array:
+        if q.size == 0:
+            return q
         dtype = q.dtype
         x = q.astype(compute_dtype(dtype))
         flip = _flip(x)
@@ -227,7 +322,7 @@ class Orthogonal:
             x = _mT(x)
         h, tau = jnp.linalg.qr(x, mode="raw")  # LAPACK's geqrf, returned transposed
         a = _mT(h)
-        d = jnp.sign(jnp.diagonal(a, axis1=-2, axis2=-1))
+        d = _signs(jnp.diagonal(a, axis1=-2, axis2=-1))  # +-1: R's diagonal may be 0
         d = jnp.where(tau == 0, -d, d)  # LAPACK's "no reflection" reflector: flip its sign
         k = x.shape[-1]
         a = a.at[..., jnp.arange(k), jnp.arange(k)].set(d)
@@ -242,12 +337,14 @@ def orthogonal(
     orthogonal_map: str | None = None,
     *,
     use_trivialization: bool = True,
+    batch_axes: int = 0,
 ) -> Any:
     """Registers an orthogonal (unitary) parametrization; torch's ``orthogonal``.
 
     See :class:`paramx.Orthogonal` for the maps and the layout notes: on a Flax kernel
     (in, out) it computes the transpose of what torch computes on the (out, in) weight.
-    Registered, like torch, with ``unsafe=True``: no forward consistency check.
+    Unlike torch (which passes ``unsafe=True``), it registers with the usual checks, so
+    assigning a value of another shape raises instead of reshaping the tree.
 
     Args:
       tree: The tree to register on (e.g. what ``model.init`` returns).
@@ -255,6 +352,10 @@ def orthogonal(
       orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"`` or ``None`` (torch's
         default rule).
       use_trivialization: Keep an orthogonal ``base`` in the state (default True).
+      batch_axes: How many leading axes index a stack of independent tensors (the layer axis
+        of an ``nn.scan`` / ``nn.vmap`` stack): each tensor of the stack is registered and
+        computed separately. Leading axes are a batch of matrices anyway; this keeps the
+        stack's layout of the state. See :func:`paramx.register_parametrization`.
 
     Returns:
       The new tree.
@@ -262,6 +363,7 @@ def orthogonal(
     Raises:
       ValueError: For a tensor of fewer than 2 dimensions, an unknown map, or householder
         with a complex tensor.
+      TypeError: For an integer or boolean tensor, or an option of the wrong type.
 
     Examples:
       >>> import jax
@@ -276,4 +378,4 @@ def orthogonal(
     from paramx._src.register import register_parametrization
 
     p = Orthogonal(orthogonal_map, use_trivialization)
-    return register_parametrization(tree, where, p, unsafe=True)
+    return register_parametrization(tree, where, p, batch_axes=batch_axes)

@@ -8,25 +8,64 @@ Conv and ConvTranspose alike, so paramx's default is the last axis. A Flax Dense
 give the same matrix up to the order of its columns (same sigma, same u). (A Flax
 ConvTranspose with ``transpose_kernel=True`` keeps its output features at axis -2: pass
 ``dim=-2`` there.)
+
+Edge cases. A zero weight stays zero (torch divides 0 by 0): sigma = 0 is replaced by 1. A
+power-iteration step whose product is exactly zero keeps the previous vector, so a weight
+that starts at zero (``nn.initializers.zeros``) does not lock u and v at zero for good, as
+torch's would (its sigma would then stay 0 and the weight would never be normalized). A
+zero vector (a 1-D tensor) has a finite gradient (torch's ``x / max(|x|, eps)``: 1 / eps).
+Zero-size tensors work. Options are validated at construction; integer and boolean tensors
+are refused at registration; complex tensors are supported, as in torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from paramx._src import numerics
 from paramx._src.numerics import compute_dtype, matmul, missing_state, normalize_axis
+
+_OWNER = "SpectralNorm"
+_DIM_HINT = (
+    "dim is the axis of output features: Flax kernels keep them last, the default "
+    "(dim=None); torch's dim=0 is the first axis of its (out, in) weight."
+)
 
 _WARMUP_ITERATIONS = 15
 # torch runs 15 power iterations when the parametrization is built
 
 
+def _norm(x: jax.Array) -> jax.Array:
+    """The 2-norm, with a finite gradient at zero (``sqrt``'s derivative there is infinite)."""
+    sq = jnp.sum(jnp.real(x * jnp.conj(x)))
+    nonzero = sq > 0
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, jnp.ones_like(sq))), 0)
+
+
 def _normalize(x: jax.Array, eps: float) -> jax.Array:
-    norm = jnp.sqrt(jnp.sum(jnp.abs(x) ** 2))
-    return x / jnp.maximum(norm, eps).astype(x.dtype)
+    """torch's ``F.normalize``: ``x / max(|x|, eps)``."""
+    return x / jnp.maximum(_norm(x), eps).astype(x.dtype)
+
+
+def _normalize_or_keep(x: jax.Array, previous: jax.Array, eps: float) -> jax.Array:
+    """``_normalize(x)``, or ``previous`` where ``x`` is exactly zero (a zero weight)."""
+    norm = _norm(x)
+    return jnp.where(norm > 0, x / jnp.maximum(norm, eps).astype(x.dtype), previous)
+
+
+def _flat(w: jax.Array, front: bool) -> jax.Array:
+    """``w`` (its axis of features already first or last) as a matrix, that axis kept.
+
+    The sizes are spelled out: ``reshape(-1, 0)`` cannot infer the -1 of a zero-size tensor.
+    """
+    if front:
+        return w.reshape(w.shape[0], math.prod(w.shape[1:]))
+    return w.reshape(math.prod(w.shape[:-1]), w.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,40 +99,63 @@ class SpectralNorm:
     name: str = "spectral_norm"
 
     def __post_init__(self) -> None:
-        if self.n_power_iterations <= 0:
+        n = numerics.option_int(_OWNER, "n_power_iterations", self.n_power_iterations)
+        if n <= 0:
             raise ValueError(
                 "Expected n_power_iterations to be positive, but got "
-                f"n_power_iterations={self.n_power_iterations}"
+                f"n_power_iterations={n}. It is the number of power iterations per state "
+                "update; the default is 1."
             )
+        object.__setattr__(self, "n_power_iterations", n)
+        object.__setattr__(self, "eps", numerics.option_positive_float(_OWNER, "eps", self.eps))
+        object.__setattr__(
+            self, "dim", numerics.option_dim(_OWNER, self.dim, default="the last axis")
+        )
+        try:
+            hash(self.axis_name)
+        except TypeError:
+            raise TypeError(
+                f"{_OWNER}: axis_name must be a hashable axis name (a str, or a tuple of them) "
+                f"or None; got {self.axis_name!r} ({type(self.axis_name).__name__})."
+            ) from None
+        numerics.option_name(_OWNER, self.name)
 
     def _axis(self, ndim: int) -> int:
-        return normalize_axis(-1 if self.dim is None else self.dim, ndim)
+        return normalize_axis(-1 if self.dim is None else self.dim, ndim, _DIM_HINT)
+
+    def _check(self, w: Any) -> None:
+        """Refuses what has no spectral norm: a scalar, an integer or boolean tensor."""
+        if len(w.shape) == 0:
+            raise ValueError(
+                "spectral_norm expects a tensor with at least 1 dimension; got a scalar. "
+                "Register it on a kernel (or a vector, which is L2-normalized)."
+            )
+        numerics.check_dtype(w, "spectral_norm")
+        self._axis(len(w.shape))
 
     def matrix(self, w: jax.Array) -> jax.Array:
         """The (h, w) matrix whose spectral norm is normalized: ``dim`` first, rest flattened."""
-        w = jnp.moveaxis(w, self._axis(w.ndim), 0)
-        return w.reshape(w.shape[0], -1)
+        return _flat(jnp.moveaxis(w, self._axis(w.ndim), 0), front=True)
 
     def _matrix_t(self, w: jax.Array) -> jax.Array:
         """The transpose of :meth:`matrix`, built without a copy when ``dim`` is the last axis
         (Flax's layout): ``dim`` moved last, the rest flattened in the same order."""
-        w = jnp.moveaxis(w, self._axis(w.ndim), -1)
-        return w.reshape(-1, w.shape[-1])
+        return _flat(jnp.moveaxis(w, self._axis(w.ndim), -1), front=False)
 
     def _iterate(self, mt: jax.Array, u: jax.Array, v: jax.Array, n: int) -> tuple:
         # With mat = mt.T: mat @ v is v @ mt, and mat^H @ u is conj(mt) @ u.
         def body(_, uv):
             u, v = uv
-            u = _normalize(matmul(v, mt), self.eps)
-            v = _normalize(matmul(jnp.conj(mt), u), self.eps)
+            u = _normalize_or_keep(matmul(v, mt), u, self.eps)
+            v = _normalize_or_keep(matmul(jnp.conj(mt), u), v, self.eps)
             return u, v
 
         return jax.lax.fori_loop(0, n, body, (u, v))
 
     # ----- the protocol --------------------------------------------------------------------
     def init(self, value: jax.Array, key: jax.Array) -> tuple[None, Any]:
+        self._check(value)
         if value.ndim == 1:
-            self._axis(1)
             return None, None
         mt = self._matrix_t(value).astype(compute_dtype(value.dtype))
         ku, kv = jax.random.split(key)
@@ -113,6 +175,7 @@ class SpectralNorm:
         return {"u": u, "v": v}
 
     def forward(self, w: jax.Array, *, params: Any, state: Any) -> jax.Array:
+        self._check(w)
         if state is None:  # 1-D: plain L2 normalization
             if w.ndim > 1:
                 raise missing_state("spectral_norm", "u and v")
@@ -128,6 +191,17 @@ class SpectralNorm:
         return (w.astype(sigma.dtype) / sigma).astype(w.dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
+        self._check(value)
+        if state is not None:  # the state's u and v tell the registered matrix's shape
+            h, w = state["u"].shape[-1], state["v"].shape[-1]
+            size = math.prod(value.shape)
+            out = value.shape[self._axis(value.ndim)] if value.ndim > 1 else None
+            if out != h or size != h * w:
+                raise ValueError(
+                    f"Expected a tensor whose matrix (the output axis dim={self.dim}, then the "
+                    f"rest flattened) is {h} x {w}, the registered tensor's. Got a tensor of "
+                    f"shape {tuple(value.shape)}. Assign a value of the tensor's own shape."
+                )
         return value, state
 
 
@@ -140,6 +214,7 @@ def spectral_norm(
     *,
     axis_name: Any = None,
     key: jax.Array | None = None,
+    batch_axes: int = 0,
 ) -> Any:
     """Registers spectral normalization; torch's ``spectral_norm``.
 
@@ -158,13 +233,19 @@ def spectral_norm(
         mapping from torch's layouts).
       axis_name: Average u and v over this named axis after each update (data parallel).
       key: PRNG key for the initial u and v.
+      batch_axes: How many leading axes index a stack of independent tensors (the layer axis
+        of an ``nn.scan`` / ``nn.vmap`` stack): each layer of the stack is divided by its own
+        spectral norm, with its own u and v. See :func:`paramx.register_parametrization`.
 
     Returns:
       The new tree.
 
     Raises:
       IndexError: If ``dim`` is out of range for a selected tensor.
-      ValueError: If ``n_power_iterations <= 0``.
+      ValueError: If ``n_power_iterations <= 0``, ``eps`` is not positive and finite, or the
+        tensor is a scalar.
+      TypeError: For an option of the wrong type (``n_power_iterations=1.5``, ``dim=True``),
+        or an integer or boolean tensor.
 
     Examples:
       >>> import jax
@@ -179,4 +260,4 @@ def spectral_norm(
     from paramx._src.register import register_parametrization
 
     p = SpectralNorm(n_power_iterations, eps, dim, axis_name)
-    return register_parametrization(tree, where, p, key=key)
+    return register_parametrization(tree, where, p, key=key, batch_axes=batch_axes)

@@ -6,6 +6,11 @@ default is ``dim=-1``. ``dim=None`` normalizes the whole tensor (g is a scalar).
 difference in spelling: torch treats ``dim=-1`` like ``None`` (whole tensor); paramx's
 ``dim=-1`` is the last axis, like any other negative index. g keeps the weight's rank with
 ones on the normalized axes, e.g. (1, out) for a Flax Dense kernel (torch: (out, 1)).
+
+Edge cases. A zero slice of v gives a zero slice of the weight with finite gradients (torch:
+NaN). Zero-size tensors work. ``dim`` is validated at construction (an int or None) and
+against the tensor at registration; integer and boolean tensors are refused; complex tensors
+work (g holds the real norms, stored in the tensor's complex dtype).
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from paramx._src import numerics
 from paramx._src.numerics import compute_dtype, normalize_axis
+
+_OWNER = "WeightNorm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,22 +47,40 @@ class WeightNorm:
     dim: int | None = -1
     name: str = "weight_norm"
 
+    def __post_init__(self) -> None:
+        dim = numerics.option_dim(_OWNER, self.dim, default="one norm over the whole tensor")
+        object.__setattr__(self, "dim", dim)
+        numerics.option_name(_OWNER, self.name)
+
     def _axes(self, ndim: int) -> tuple[int, ...]:
         if self.dim is None:
             return tuple(range(ndim))
-        keep = normalize_axis(self.dim, ndim)
+        keep = normalize_axis(
+            self.dim,
+            ndim,
+            "dim is the axis of output features, kept with one norm per slice: Flax kernels "
+            "keep them last, the default (dim=-1); dim=None normalizes the whole tensor.",
+        )
         return tuple(a for a in range(ndim) if a != keep)
+
+    def _sq(self, v: jax.Array) -> jax.Array:
+        numerics.check_dtype(v, "weight_norm")
+        x = v.astype(compute_dtype(v.dtype))
+        sq = jnp.real(x * jnp.conj(x))
+        return jnp.sum(sq, axis=self._axes(v.ndim), keepdims=self.dim is not None)
 
     def norm(self, v: jax.Array) -> jax.Array:
         """|v| over every axis but ``dim`` (kept as size-1 axes; a scalar for ``None``)."""
-        x = v.astype(compute_dtype(v.dtype))
-        sq = jnp.sum(jnp.abs(x) ** 2, axis=self._axes(v.ndim), keepdims=self.dim is not None)
-        return jnp.sqrt(sq).astype(v.dtype)
+        sq = self._sq(v)
+        nonzero = sq > 0  # sqrt has an infinite derivative at 0: keep the gradient finite
+        norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, jnp.ones_like(sq))), 0)
+        return norm.astype(v.dtype)
 
     def forward(self, g: jax.Array, v: jax.Array) -> jax.Array:
+        numerics.check_dtype(g, "weight_norm")
         dtype = v.dtype
         x = v.astype(compute_dtype(dtype))
-        sq = jnp.sum(jnp.abs(x) ** 2, axis=self._axes(v.ndim), keepdims=self.dim is not None)
+        sq = self._sq(v)
         # torch returns NaN for a zero slice of v; here it stays zero, with finite gradients.
         norm = jnp.sqrt(jnp.where(sq > 0, sq, jnp.ones_like(sq))).astype(x.dtype)
         return (x * (g.astype(x.dtype) / norm)).astype(dtype)
@@ -63,7 +89,7 @@ class WeightNorm:
         return self.norm(w), w
 
 
-def weight_norm(tree: Any, where: Any, dim: int | None = -1) -> Any:
+def weight_norm(tree: Any, where: Any, dim: int | None = -1, *, batch_axes: int = 0) -> Any:
     """Registers weight normalization; torch's ``weight_norm``.
 
     The originals are ``original0 = g`` (the norms) and ``original1 = v`` (the direction),
@@ -75,12 +101,17 @@ def weight_norm(tree: Any, where: Any, dim: int | None = -1) -> Any:
       where: A path, a tuple of keys, or a predicate over key paths.
       dim: The axis of output features (default: the last, Flax's layout); ``None`` for one
         norm over the whole tensor. See the module notes for torch's ``dim=-1``.
+      batch_axes: How many leading axes index a stack of independent tensors (the layer axis
+        of an ``nn.scan`` / ``nn.vmap`` stack): each tensor of the stack is registered and
+        computed separately. See :func:`paramx.register_parametrization`.
 
     Returns:
       The new tree.
 
     Raises:
       IndexError: If ``dim`` is out of range for a selected tensor.
+      TypeError: If ``dim`` is neither an int nor None, or the tensor is an integer or
+        boolean one.
 
     Examples:
       >>> import jax
@@ -95,4 +126,4 @@ def weight_norm(tree: Any, where: Any, dim: int | None = -1) -> Any:
     """
     from paramx._src.register import register_parametrization
 
-    return register_parametrization(tree, where, WeightNorm(dim))
+    return register_parametrization(tree, where, WeightNorm(dim), batch_axes=batch_axes)
