@@ -374,7 +374,9 @@ def flax_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
             k_x, k_y = jax.random.split(jax.random.key(1))
             x = jax.random.normal(k_x, (BATCH, w))
             y = jax.random.normal(k_y, (BATCH, w))
-            ours = px.linen.Parametrize(DenseStack(w), {is_kernel: parametrization(name)})
+            ours = px.linen.Parametrize(
+                DenseStack(w), {is_kernel: parametrization(name)}, use_running_average=False
+            )
             theirs = DenseStack(w, wrap=name)
             v_ours = ours.init(jax.random.key(0), x)
             v_theirs = theirs.init(jax.random.key(0), x)
@@ -482,7 +484,7 @@ def rnn_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
     where = "cell/wh/kernel"
 
     def build(p: Any) -> tuple[nn.Module, dict]:
-        model = px.linen.Parametrize(RNN(hidden), {where: p})
+        model = px.linen.Parametrize(RNN(hidden), {where: p}, use_running_average=False)
         return model, model.init(jax.random.key(0), xs)
 
     def px_step_for(model: nn.Module) -> Callable[..., Any]:
@@ -636,7 +638,7 @@ class ScanLayer(nn.Module):
     def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
         dense = nn.Dense(self.width)
         if self.p is not None:
-            dense = px.linen.Parametrize(dense, {"kernel": self.p})
+            dense = px.linen.Parametrize(dense, {"kernel": self.p}, use_running_average=False)
         return jnp.tanh(dense(x)), None
 
 

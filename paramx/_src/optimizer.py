@@ -82,7 +82,7 @@ def param_labels(tree: Any, labels: Labels = None) -> Any:
       >>> params, state = px.split_state(params)
       >>> labels = px.param_labels(params)
       >>> labels["bias"], labels["kernel"]
-      ('plain', Parametrized(chain=[orthogonal], original='original', unsafe=True))
+      ('plain', Parametrized(chain=[orthogonal], original='original'))
       >>> tx = optax.multi_transform(
       ...     {"original": optax.set_to_zero(), "plain": optax.sgd(0.1)}, px.param_labels)
       >>> grads = jax.tree.map(jnp.ones_like, params)
