@@ -45,7 +45,7 @@ from _inputs import skew_inputs
 from _timing import measure, row
 
 import paramx as px
-from paramx._src import linalg
+from paramx._src.parametrizations import linalg
 
 PARAMS = ("orthogonal", "spectral_norm", "weight_norm")
 BATCH = 64

@@ -391,7 +391,7 @@ def _householder_pair(n: int) -> tuple[Callable[[], object], Callable[[], object
 def _map_rows(cfg: SimpleNamespace, common: dict[str, Any]) -> Iterator[dict]:
     import torch
 
-    from paramx._src import linalg
+    from paramx._src.parametrizations import linalg
 
     sizes = _SMOKE_SIZES if cfg.smoke else _QUICK_SIZES if cfg.quick else _SIZES
     version = common["torch_version"]

@@ -67,7 +67,7 @@ import numpy as np  # noqa: E402
 from jax.scipy.linalg import expm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from paramx._src import linalg  # noqa: E402
+from paramx._src.parametrizations import linalg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _inputs import skew_inputs  # noqa: E402

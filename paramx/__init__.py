@@ -35,32 +35,32 @@ from these docstrings with ``mkdocs build`` (``mkdocs.yml``).
 from paramx import interop as interop
 from paramx import linen as linen
 from paramx import nnx as nnx
-from paramx._src import serialization as _serialization  # noqa: F401  (registers with flax)
-from paramx._src.assign import assign as assign
-from paramx._src.inspect import get_parametrized as get_parametrized
-from paramx._src.inspect import is_parametrized as is_parametrized
-from paramx._src.inspect import originals as originals
-from paramx._src.inspect import summary as summary
-from paramx._src.materialize import cached as cached
-from paramx._src.materialize import materialize as materialize
-from paramx._src.node import Parametrized as Parametrized
-from paramx._src.optimizer import param_labels as param_labels
-from paramx._src.optimizer import param_mask as param_mask
-from paramx._src.orthogonal import Orthogonal as Orthogonal
-from paramx._src.orthogonal import orthogonal as orthogonal
-from paramx._src.parametrization import Parametrization as Parametrization
-from paramx._src.paths import path_keys as path_keys
-from paramx._src.register import register_parametrization as register_parametrization
-from paramx._src.remove import remove_parametrizations as remove_parametrizations
-from paramx._src.spectral_norm import SpectralNorm as SpectralNorm
-from paramx._src.spectral_norm import spectral_norm as spectral_norm
-from paramx._src.state import merge_state as merge_state
-from paramx._src.state import split_state as split_state
-from paramx._src.transfer import (
+from paramx._src.core.assign import assign as assign
+from paramx._src.core.inspect import get_parametrized as get_parametrized
+from paramx._src.core.inspect import is_parametrized as is_parametrized
+from paramx._src.core.inspect import originals as originals
+from paramx._src.core.inspect import summary as summary
+from paramx._src.core.materialize import cached as cached
+from paramx._src.core.materialize import materialize as materialize
+from paramx._src.core.node import Parametrized as Parametrized
+from paramx._src.core.parametrization import Parametrization as Parametrization
+from paramx._src.core.paths import path_keys as path_keys
+from paramx._src.core.register import register_parametrization as register_parametrization
+from paramx._src.core.remove import remove_parametrizations as remove_parametrizations
+from paramx._src.core.state import merge_state as merge_state
+from paramx._src.core.state import split_state as split_state
+from paramx._src.core.transfer import (
     transfer_parametrizations_and_params as transfer_parametrizations_and_params,
 )
-from paramx._src.weight_norm import WeightNorm as WeightNorm
-from paramx._src.weight_norm import weight_norm as weight_norm
+from paramx._src.integrations import serialization as _serialization  # noqa: F401  (registers with flax)
+from paramx._src.integrations.optax import param_labels as param_labels
+from paramx._src.integrations.optax import param_mask as param_mask
+from paramx._src.parametrizations.orthogonal import Orthogonal as Orthogonal
+from paramx._src.parametrizations.orthogonal import orthogonal as orthogonal
+from paramx._src.parametrizations.spectral_norm import SpectralNorm as SpectralNorm
+from paramx._src.parametrizations.spectral_norm import spectral_norm as spectral_norm
+from paramx._src.parametrizations.weight_norm import WeightNorm as WeightNorm
+from paramx._src.parametrizations.weight_norm import weight_norm as weight_norm
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,6 @@
 ``Parametrize`` wraps any linen module; see :class:`paramx.linen.Parametrize`.
 """
 
-from paramx._src.linen import Parametrize as Parametrize
+from paramx._src.integrations.linen import Parametrize as Parametrize
 
 __all__ = ["Parametrize"]

@@ -36,8 +36,8 @@ def test_docstring_examples_run():
     script = """
 import doctest, importlib, pkgutil, sys
 import paramx
-names = [m.name for m in pkgutil.iter_modules(paramx._src.__path__)]
-mods = [paramx] + [importlib.import_module("paramx._src." + n) for n in names]
+infos = pkgutil.walk_packages(paramx._src.__path__, "paramx._src.")
+mods = [paramx] + [importlib.import_module(m.name) for m in infos]
 mods += [importlib.import_module("paramx." + n) for n in ("linen", "nnx", "interop")]
 flags = doctest.NORMALIZE_WHITESPACE
 results = [doctest.testmod(m, optionflags=flags) for m in mods]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax.scipy.linalg import expm
 
-from paramx._src import linalg
-from paramx._src.linalg import cayley, expm_skew
+from paramx._src.parametrizations import linalg
+from paramx._src.parametrizations.linalg import cayley, expm_skew
 
 ALL = [jnp.float32, jnp.float64, jnp.complex64, jnp.complex128]
 N = 4

@@ -367,7 +367,7 @@ def test_with_partitioning_materializes_outside_the_model():
     reason=(
         "flax's tabulate reads `jnp.shape` / `jnp.result_type` of a partitioned box's value, "
         "here a Parametrized node (which refuses to be an array); needs `shape` and `dtype` "
-        "on the node (the value's), a core change in paramx/_src/node.py."
+        "on the node (the value's), a core change in paramx/_src/core/node.py."
     ),
 )
 def test_tabulate_with_a_partitioned_parametrized_kernel():

@@ -10,7 +10,7 @@ from flax import nnx
 
 import paramx as px
 import paramx.nnx as pnx
-from paramx._src import nnx as pnx_src
+from paramx._src.integrations import nnx as pnx_src
 
 F32 = jnp.float32
 

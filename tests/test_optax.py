@@ -12,8 +12,8 @@ import toys
 from conftest import assert_close
 
 import paramx as px
-from paramx._src.node import is_node
-from paramx._src.optimizer import param_labels, param_mask
+from paramx._src.core.node import is_node
+from paramx._src.integrations.optax import param_labels, param_mask
 
 
 class MLP(nn.Module):

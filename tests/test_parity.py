@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import paramx as px
-from paramx._src import spectral_norm as spectral_norm_module
+from paramx._src.parametrizations import spectral_norm as spectral_norm_module
 
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
 import load

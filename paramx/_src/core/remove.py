@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from paramx._src import chain as ch
-from paramx._src import parametrization as pz
-from paramx._src import paths
-from paramx._src.state import merge_state
+from paramx._src.core import chain as ch
+from paramx._src.core import parametrization as pz
+from paramx._src.core import paths
+from paramx._src.core.state import merge_state
 
 
 def remove_parametrizations(

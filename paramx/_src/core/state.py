@@ -13,8 +13,8 @@ from typing import Any
 import jax
 from jax.tree_util import GetAttrKey
 
-from paramx._src import paths
-from paramx._src.node import is_node
+from paramx._src.core import paths
+from paramx._src.core.node import is_node
 
 
 def split_state(tree: Any) -> tuple[Any, Any]:

@@ -30,8 +30,8 @@ from typing import Any
 
 import jax
 
-from paramx._src.node import Parametrized, is_node
-from paramx._src.paths import format_path
+from paramx._src.core.node import Parametrized, is_node
+from paramx._src.core.paths import format_path
 
 ROLES = ("original", "parametrization", "plain", "state")
 DEFAULT_LABELS: dict[str, str] = {role: role for role in ROLES}

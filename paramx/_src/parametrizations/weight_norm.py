@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src import numerics
-from paramx._src.numerics import compute_dtype, normalize_axis
+from paramx._src.parametrizations import numerics
+from paramx._src.parametrizations.numerics import compute_dtype, normalize_axis
 
 _OWNER = "WeightNorm"
 
@@ -124,6 +124,6 @@ def weight_norm(tree: Any, where: Any, dim: int | None = -1, *, batch_axes: int 
       >>> bool(jnp.allclose(px.materialize(tree)["kernel"], kernel))
       True
     """
-    from paramx._src.register import register_parametrization
+    from paramx._src.core.register import register_parametrization
 
     return register_parametrization(tree, where, WeightNorm(dim), batch_axes=batch_axes)

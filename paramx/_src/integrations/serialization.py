@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
-from paramx._src.node import Parametrized
+from paramx._src.core.node import Parametrized
 
 
 def _to_state_dict(node: Parametrized) -> dict[str, Any]:

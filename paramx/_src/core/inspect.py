@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src import paths
-from paramx._src.node import Parametrized, is_node
+from paramx._src.core import paths
+from paramx._src.core.node import Parametrized, is_node
 
 
 def is_parametrized(tree: Any, where: paths.Where | None = None) -> bool:

@@ -62,8 +62,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src import numerics
-from paramx._src.numerics import compute_dtype, matmul, missing_state
+from paramx._src.parametrizations import numerics
+from paramx._src.parametrizations.numerics import compute_dtype, matmul, missing_state
 
 _MAPS = ("matrix_exp", "cayley", "householder")
 _OWNER = "Orthogonal"
@@ -255,7 +255,7 @@ class Orthogonal:
             signs = jax.lax.stop_gradient(_signs(jnp.diagonal(x, axis1=-2, axis2=-1)))
             q = q * signs[..., None, :]
         else:
-            from paramx._src import linalg
+            from paramx._src.parametrizations import linalg
 
             a = jnp.tril(x)
             if n != k:
@@ -375,7 +375,7 @@ def orthogonal(
       >>> bool(jnp.allclose(q @ q.T, jnp.eye(3), atol=1e-5))
       True
     """
-    from paramx._src.register import register_parametrization
+    from paramx._src.core.register import register_parametrization
 
     p = Orthogonal(orthogonal_map, use_trivialization)
     return register_parametrization(tree, where, p, batch_axes=batch_axes)

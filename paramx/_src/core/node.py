@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from jax.tree_util import GetAttrKey
 
-from paramx._src import parametrization as pz
+from paramx._src.core import parametrization as pz
 
 PyTree = Any
 

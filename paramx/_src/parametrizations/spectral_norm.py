@@ -27,8 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src import numerics
-from paramx._src.numerics import compute_dtype, matmul, missing_state, normalize_axis
+from paramx._src.parametrizations import numerics
+from paramx._src.parametrizations.numerics import (
+    compute_dtype,
+    matmul,
+    missing_state,
+    normalize_axis,
+)
 
 _OWNER = "SpectralNorm"
 _DIM_HINT = (
@@ -257,7 +262,7 @@ def spectral_norm(
       >>> round(float(jnp.linalg.norm(w, 2)), 4)
       1.0
     """
-    from paramx._src.register import register_parametrization
+    from paramx._src.core.register import register_parametrization
 
     p = SpectralNorm(n_power_iterations, eps, dim, axis_name)
     return register_parametrization(tree, where, p, key=key, batch_axes=batch_axes)

@@ -79,16 +79,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from paramx._src import chain as ch
-from paramx._src import parametrization as pz
-from paramx._src.assign import assign as _assign_tree
-from paramx._src.materialize import materialize
-from paramx._src.node import Parametrized
-from paramx._src.orthogonal import Orthogonal
-from paramx._src.register import register_parametrization as _register_tree
-from paramx._src.remove import remove_parametrizations as _remove_tree
-from paramx._src.spectral_norm import SpectralNorm
-from paramx._src.weight_norm import WeightNorm
+from paramx._src.core import chain as ch
+from paramx._src.core import parametrization as pz
+from paramx._src.core.assign import assign as _assign_tree
+from paramx._src.core.materialize import materialize
+from paramx._src.core.node import Parametrized
+from paramx._src.core.register import register_parametrization as _register_tree
+from paramx._src.core.remove import remove_parametrizations as _remove_tree
+from paramx._src.parametrizations.orthogonal import Orthogonal
+from paramx._src.parametrizations.spectral_norm import SpectralNorm
+from paramx._src.parametrizations.weight_norm import WeightNorm
 
 _CONTAINER = "parametrizations"
 

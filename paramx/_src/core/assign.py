@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src import chain as ch
-from paramx._src import parametrization as pz
-from paramx._src import paths
+from paramx._src.core import chain as ch
+from paramx._src.core import parametrization as pz
+from paramx._src.core import paths
 
 
 def assign(tree: Any, where: paths.Where, value: Any) -> Any:

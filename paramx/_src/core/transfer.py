@@ -7,9 +7,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from paramx._src import chain as ch
-from paramx._src import paths
-from paramx._src.node import is_node
+from paramx._src.core import chain as ch
+from paramx._src.core import paths
+from paramx._src.core.node import is_node
 
 
 def transfer_parametrizations_and_params(

@@ -60,13 +60,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paramx._src import chain as ch
-from paramx._src import paths
-from paramx._src.node import Parametrized, is_node
-from paramx._src.numerics import normalize_axis
-from paramx._src.orthogonal import Orthogonal
-from paramx._src.spectral_norm import SpectralNorm
-from paramx._src.weight_norm import WeightNorm
+from paramx._src.core import chain as ch
+from paramx._src.core import paths
+from paramx._src.core.node import Parametrized, is_node
+from paramx._src.parametrizations.numerics import normalize_axis
+from paramx._src.parametrizations.orthogonal import Orthogonal
+from paramx._src.parametrizations.spectral_norm import SpectralNorm
+from paramx._src.parametrizations.weight_norm import WeightNorm
 
 LAYOUTS: Mapping[str, str] = types.MappingProxyType(
     {
@@ -935,7 +935,7 @@ class _NNXView:
 
 def _nnx_view(obj: Any, *, doing: str) -> _NNXView:
     nnx = _nnx()
-    from paramx._src import nnx as pnx  # flax.nnx is imported already
+    from paramx._src.integrations import nnx as pnx  # flax.nnx is imported already
 
     skip = tuple(
         c for c in (nnx.RngState, nnx.Intermediate, getattr(nnx, "Cache", None)) if c is not None

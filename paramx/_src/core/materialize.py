@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec, Sharding
 
-from paramx._src import chain as ch
-from paramx._src import parametrization as pz
-from paramx._src import paths
-from paramx._src.node import Parametrized, is_node
-from paramx._src.state import merge_state
+from paramx._src.core import chain as ch
+from paramx._src.core import parametrization as pz
+from paramx._src.core import paths
+from paramx._src.core.node import Parametrized, is_node
+from paramx._src.core.state import merge_state
 
 
 def materialize(

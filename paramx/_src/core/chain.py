@@ -19,8 +19,8 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec
 
-from paramx._src import parametrization as pz
-from paramx._src.node import Parametrized
+from paramx._src.core import parametrization as pz
+from paramx._src.core.node import Parametrized
 
 PyTree = Any
 

@@ -9,10 +9,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from paramx._src import chain as ch
-from paramx._src import parametrization as pz
-from paramx._src import paths
-from paramx._src.node import Parametrized, is_node
+from paramx._src.core import chain as ch
+from paramx._src.core import parametrization as pz
+from paramx._src.core import paths
+from paramx._src.core.node import Parametrized, is_node
 
 _DEFAULT_SEED = 0
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from paramx._src.node import is_node
+from paramx._src.core.node import is_node
 
 KeyPath = tuple[Any, ...]
 Where = str | Sequence[Any] | Callable[[KeyPath, Any], bool]

@@ -29,12 +29,12 @@ import flax.linen as nn
 import jax
 import yaml
 
-from paramx._src import parametrization as pz
-from paramx._src import paths
-from paramx._src.materialize import materialize
-from paramx._src.node import Parametrized, is_node
-from paramx._src.register import register_parametrization
-from paramx._src.state import merge_state
+from paramx._src.core import parametrization as pz
+from paramx._src.core import paths
+from paramx._src.core.materialize import materialize
+from paramx._src.core.node import Parametrized, is_node
+from paramx._src.core.register import register_parametrization
+from paramx._src.core.state import merge_state
 
 _STATE_COLLECTION = "paramx_state"
 _FLAG = "use_running_average"

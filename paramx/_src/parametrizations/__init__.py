@@ -1,0 +1,4 @@
+"""The parametrizations: one file per family, and their matrix numerics.
+
+Imports the core only.
+"""
