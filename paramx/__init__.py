@@ -27,7 +27,8 @@ Examples:
   (2, 3)
 
 Namespaces: ``paramx.linen`` (``Parametrize``, declared in a linen model), ``paramx.nnx``
-(torch's in-place API on NNX modules), ``paramx.interop`` (PyTorch ``state_dict`` files). The
+(torch's in-place API on NNX modules), ``paramx.interop`` (PyTorch ``state_dict`` files),
+``paramx.tensor`` (register / materialize / assign / remove on one array or node). The
 guides are ``README.md``, ``docs/design.md`` and ``docs/flax.md``; the API reference is built
 from these docstrings with ``mkdocs build`` (``mkdocs.yml``).
 """
@@ -35,6 +36,7 @@ from these docstrings with ``mkdocs build`` (``mkdocs.yml``).
 from paramx import interop as interop
 from paramx import linen as linen
 from paramx import nnx as nnx
+from paramx import tensor as tensor
 from paramx._src.core.assign import assign as assign
 from paramx._src.core.inspect import get_parametrized as get_parametrized
 from paramx._src.core.inspect import is_parametrized as is_parametrized
@@ -93,4 +95,4 @@ __all__ = [
 
 def __dir__() -> list[str]:
     # help(paramx) and dir(paramx) show the public surface, not the private modules.
-    return sorted([*__all__, "__version__", "interop", "linen", "nnx"])
+    return sorted([*__all__, "__version__", "interop", "linen", "nnx", "tensor"])

@@ -9,7 +9,7 @@ from conftest import run_python
 
 import paramx as px
 
-NAMESPACES = ["linen", "nnx", "interop"]
+NAMESPACES = ["linen", "nnx", "interop", "tensor"]
 
 
 def _public_names():
@@ -38,7 +38,7 @@ import doctest, importlib, pkgutil, sys
 import paramx
 infos = pkgutil.walk_packages(paramx._src.__path__, "paramx._src.")
 mods = [paramx] + [importlib.import_module(m.name) for m in infos]
-mods += [importlib.import_module("paramx." + n) for n in ("linen", "nnx", "interop")]
+mods += [importlib.import_module("paramx." + n) for n in ("linen", "nnx", "interop", "tensor")]
 flags = doctest.NORMALIZE_WHITESPACE
 results = [doctest.testmod(m, optionflags=flags) for m in mods]
 print("attempted", sum(r.attempted for r in results))
@@ -67,6 +67,6 @@ def test_help_gives_an_overview_and_hides_private_modules():
         if section.startswith(("PACKAGE CONTENTS", "SUBMODULES"))
         for line in section.splitlines()[1:]
     ]
-    assert {"interop", "linen", "nnx"} <= set(listed), listed
+    assert {"interop", "linen", "nnx", "tensor"} <= set(listed), listed
     private = [name for name in listed if name.startswith("_")]
     assert not private, f"help(paramx) lists private modules: {private}"

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from paramx._src.core import chain as ch
 from paramx._src.core import parametrization as pz
 from paramx._src.core import paths
+from paramx._src.core.node import Parametrized, is_node
 
 
 def assign(tree: Any, where: paths.Where, value: Any) -> Any:
@@ -54,16 +55,57 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     for i, where_s, node in paths.select_parametrized(
         tree, where, doing="there is no right_inverse to run (replace the leaf directly)"
     ):
-        with ch.at_path(where_s):
-            work = functools.partial(_assign_one, where_s=where_s)
-            replacements[i] = ch.run_auto(work, node, value)
+        replacements[i] = _assign_node(node, value, where_s)
     return paths.replace_leaves(tree, replacements)
+
+
+def assign_tensor(node: Parametrized, value: Any, *, label: str = "<tensor>") -> Parametrized:
+    """Sets one parametrized tensor to ``value``; returns the new node.
+
+    The per-tensor form of :func:`paramx.assign` (torch's ``module.weight = value``): the
+    chain's ``right_inverse`` runs in reverse and the node keeps its chain and learnable
+    arrays. Errors name ``label``.
+
+    Args:
+      node: A :class:`paramx.Parametrized` node.
+      value: The new value.
+      label: How errors name the tensor.
+
+    Returns:
+      The new node.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> positive = px.Parametrization(forward=jnp.exp, right_inverse=jnp.log)
+      >>> node = px.tensor.register(jnp.ones(2), positive)
+      >>> node = px.tensor.assign(node, jnp.array([2.0, 3.0]))
+      >>> px.tensor.materialize(node)
+      Array([2., 3.], dtype=float32)
+    """
+    if not is_node(node):
+        raise ValueError(
+            f"{label} is not parametrized (it is a {ch.type_name(node)}): there is no "
+            f"right_inverse to run. Register a parametrization first, or replace the array."
+        )
+    if not ch.is_array(value):
+        raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")
+    return _assign_node(node, jnp.asarray(value), label)
+
+
+def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
+    with ch.at_path(where_s):
+        work = functools.partial(_assign_one, where_s=where_s)
+        out: Parametrized = ch.run_auto(work, node, value)
+    return out
 
 
 def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
     n_stack = ch.stack_axes(node, where_s)
 
-    def one(originals: Any, params: dict, state: dict, value: Any) -> tuple[Any, dict]:
+    def one(
+        originals: Any, params: dict[str, Any], state: dict[str, Any], value: Any
+    ) -> tuple[Any, dict[str, Any]]:
         x: Any = value
         state = dict(state)
         for k in reversed(range(len(node.chain))):
@@ -110,7 +152,7 @@ def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
     return node.replace(originals=originals, state=state, event_ndims=event_ndims)
 
 
-def _check_state(old: dict, new: dict, where_s: str) -> None:
+def _check_state(old: dict[str, Any], new: dict[str, Any], where_s: str) -> None:
     """A right_inverse may renew state (an orthogonal base) but not reshape it."""
     old_s = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), old)
     new_s = jax.tree_util.tree_map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), new)

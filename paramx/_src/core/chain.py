@@ -10,8 +10,9 @@ import contextlib
 import functools
 import inspect
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,9 @@ def describe(x: Any) -> str:
     return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
 
 
-def link_kwargs(node_params: dict, node_state: dict, i: int, p: Any) -> dict[str, Any]:
+def link_kwargs(
+    node_params: dict[str, Any], node_state: dict[str, Any], i: int, p: Any
+) -> dict[str, Any]:
     if not pz.has_arrays(p):
         return {}
     return {"params": node_params.get(str(i)), "state": node_state.get(str(i))}
@@ -59,12 +62,12 @@ def link_kwargs(node_params: dict, node_state: dict, i: int, p: Any) -> dict[str
 def run_forward(
     chain: Sequence[Any],
     originals: Sequence[Any],
-    params: dict,
-    state: dict,
+    params: dict[str, Any],
+    state: dict[str, Any],
     *,
     update_state: bool = False,
     where: str = "<tensor>",
-) -> tuple[Any, dict]:
+) -> tuple[Any, dict[str, Any]]:
     """Applies the chain to the originals; returns the value and the (maybe updated) state."""
     if state:
         state = _refuse_state_tangents(dict(state), where)
@@ -97,7 +100,7 @@ def run_forward(
     return xs[0], new_state
 
 
-def _binds(fn: Callable[..., Any], n: int, kw: dict) -> bool:
+def _binds(fn: Callable[..., Any], n: int, kw: dict[str, Any]) -> bool:
     """Whether ``fn`` accepts ``n`` positional arguments and the keywords ``kw``."""
     try:
         sig = inspect.signature(fn)
@@ -111,7 +114,7 @@ def _binds(fn: Callable[..., Any], n: int, kw: dict) -> bool:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _refuse_state_tangents(state: dict, where: str) -> dict:
+def _refuse_state_tangents(state: dict[str, Any], where: str) -> dict[str, Any]:
     return state
 
 
@@ -185,31 +188,38 @@ def at_path(where: str) -> Iterator[None]:
         if type(e).__init__ in _PLAIN_INITS:  # the constructor takes one message
             new = type(e)(f"{message} (at {where})")
             raise new.with_traceback(e.__traceback__) from e.__cause__
-        e.add_note(f"(raised for the parametrized tensor at {where})")
+        if sys.version_info >= (3, 11):  # Python 3.10 has no exception notes
+            e.add_note(f"(raised for the parametrized tensor at {where})")
         raise
 
 
 def node_value(
     node: Parametrized, *, update_state: bool = False, where: str = "<tensor>"
-) -> tuple[Any, dict]:
+) -> tuple[Any, dict[str, Any]]:
     """The value of a node (and its new state), computed per tensor of a stack."""
     with at_path(where):
         n_axes = stack_axes(node, where)
 
-        def run(originals: Any, params: dict, state: dict) -> tuple[Any, dict]:
+        def run(
+            originals: Any, params: dict[str, Any], state: dict[str, Any]
+        ) -> tuple[Any, dict[str, Any]]:
             return run_forward(
                 node.chain, originals, params, state, update_state=update_state, where=where
             )
 
-        return per_tensor(run, n_axes)(node.originals, node.params, node.state)
+        value_and_state = per_tensor(run, n_axes)(node.originals, node.params, node.state)
+        return cast(tuple[Any, dict[str, Any]], value_and_state)
 
 
 def value_shape(node: Parametrized, where: str) -> jax.ShapeDtypeStruct:
     """The shape and dtype of a node's value, computed abstractly."""
-    return jax.eval_shape(lambda n: node_value(n, where=where)[0], node)
+    shape = jax.eval_shape(lambda n: node_value(n, where=where)[0], node)
+    return cast(jax.ShapeDtypeStruct, shape)
 
 
-def link_right_inverse(p: Any, i: int, value: Any, params: dict, state: dict) -> tuple[Any, dict]:
+def link_right_inverse(
+    p: Any, i: int, value: Any, params: dict[str, Any], state: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
     """Runs one link's ``right_inverse``; returns (originals-like, new state dict)."""
     fn = pz.right_inverse_fn(p)
     if fn is None:
@@ -320,7 +330,8 @@ def explicit_axes(tree: Any) -> tuple[Any, tuple[str, ...]]:
     With explicit sharding the sharding is part of an array's type (``jax.typeof(x).sharding``),
     also under ``jit``. Returns ``(None, ())`` when no array is sharded along an explicit axis.
     """
-    mesh, used = None, []
+    mesh: Any = None
+    used: list[str] = []
     for x in jax.tree_util.tree_leaves(tree):
         try:
             s = jax.typeof(x).sharding
@@ -369,7 +380,7 @@ def run_auto(
     replicated = NamedSharding(mesh, PartitionSpec())
     rule = out_sharding or same_shape_shardings(args)
     concrete = [
-        x.sharding.mesh
+        cast(Any, x.sharding).mesh
         for x in jax.tree_util.tree_leaves(args)
         if isinstance(x, jax.Array)
         and not isinstance(x, jax.core.Tracer)

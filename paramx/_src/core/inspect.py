@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,7 @@ def get_parametrized(tree: Any, where: paths.Where) -> Parametrized:
             f"The tensor at {paths.format_path(path)} is not parametrized. "
             f"{_parametrized_listing(leaves)}"
         )
-    return leaf
+    return cast(Parametrized, leaf)
 
 
 def originals(tree: Any, where: paths.Where) -> tuple[jax.Array, ...]:
@@ -143,14 +143,14 @@ def _describe(x: Any) -> str:
     return f"{jnp.dtype(dtype).name}{list(shape)}"
 
 
-def _describe_tree(tree: dict) -> str:
+def _describe_tree(tree: dict[str, Any]) -> str:
     if not tree:
         return "-"
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return ", ".join(f"{paths.format_path(p)}={_describe(x)}" for p, x in leaves)
 
 
-def _parametrized_listing(leaves: list) -> str:
+def _parametrized_listing(leaves: list[tuple[Any, Any]]) -> str:
     found = [paths.format_path(p) for p, leaf in leaves if is_node(leaf)]
     if not found:
         return "Nothing in this tree is parametrized."

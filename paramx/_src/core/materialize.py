@@ -23,7 +23,7 @@ Sharding. JAX's own sharding is the distributed engine; paramx adds no collectiv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from paramx._src.core import chain as ch
 from paramx._src.core import parametrization as pz
 from paramx._src.core import paths
 from paramx._src.core.node import Parametrized, is_node
-from paramx._src.core.state import merge_state
+from paramx._src.core.state import merge_state, sparse_state
 
 
 def materialize(
@@ -65,7 +65,7 @@ def materialize(
 
     Returns:
       The plain tree; with ``update_state=True``, the pair ``(plain_tree, new_state)``, where
-      ``new_state`` is a state half as :func:`paramx.split_state` returns it.
+      ``new_state`` is a state half in :func:`paramx.split_state`'s layout.
 
     Examples:
       >>> import jax
@@ -87,8 +87,10 @@ def materialize(
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
     if targets is None:
         targets = [None] * len(with_paths)
-    values, states = [], []
+    values: list[Any] = []
+    states: list[Any] = []
     for (path, leaf), target in zip(with_paths, targets):
+        new: Any
         if is_node(leaf):
             where = paths.format_path(path)
             try:
@@ -101,11 +103,15 @@ def materialize(
         else:
             value, new = _constrain(leaf, target), None
         values.append(value)
-        states.append(new)
+        if new is not None:
+            states.append(new)
     plain = jax.tree_util.tree_unflatten(treedef, values)
     if not update_state:
         return plain
-    return plain, jax.tree_util.tree_unflatten(treedef, states)
+    # Filed at each node's path as `leaves_with_paths` gives it (a metadata box's path, not
+    # the path inside the box), in the same order as the nodes above.
+    node_paths = [p for p, x in paths.leaves_with_paths(tree) if is_node(x)]
+    return plain, sparse_state(list(zip(node_paths, states)))
 
 
 def _explain_state(node: Parametrized, where: str, error: Exception) -> None:
@@ -145,9 +151,9 @@ def _explain_state(node: Parametrized, where: str, error: Exception) -> None:
 
 def _sharding_targets(tree: Any, shardings: Any) -> list[Any]:
     """``shardings`` cut at ``tree``'s leaves, a parametrized tensor counting as one leaf."""
-    treedef = jax.tree_util.tree_structure(tree, is_leaf=is_node)
+    treedef: Any = jax.tree_util.tree_structure(tree, is_leaf=is_node)
     try:
-        return treedef.flatten_up_to(shardings)
+        return cast(list[Any], treedef.flatten_up_to(shardings))
     except (ValueError, TypeError) as e:
         raise ValueError(
             "`shardings` does not match the tree: give the shardings of the tree you pass "
@@ -173,14 +179,15 @@ def _constrain(x: Any, s: Any) -> Any:
 def _constrain_tree(xs: Any, ss: Any) -> Any:
     """Constrains each array of ``xs`` to the matching entry of ``ss`` (None: left alone)."""
     try:
-        flat_s = jax.tree_util.tree_structure(xs).flatten_up_to(ss)
+        xs_def: Any = jax.tree_util.tree_structure(xs)
+        flat_s = xs_def.flatten_up_to(ss)
     except (ValueError, TypeError) as e:
         raise ValueError(
             "`shardings` holds a node whose `params` or `state` do not match the tree's: take "
             f"the shardings from the same registered tree. ({e})"
         ) from None
     flat_x, treedef = jax.tree_util.tree_flatten(xs)
-    return treedef.unflatten([_constrain(x, s) for x, s in zip(flat_x, flat_s)])
+    return cast(Any, treedef).unflatten([_constrain(x, s) for x, s in zip(flat_x, flat_s)])
 
 
 def _value_target(target: Any, node: Parametrized, shape: tuple[int, ...]) -> Any:
@@ -231,7 +238,7 @@ def _node_value_explicit(
         state_s = jax.tree_util.tree_map(lambda x: jax.typeof(x).sharding, node.state)
         return value_s, state_s
 
-    return ch.run_auto(run, node, out_sharding=out_sharding)
+    return cast(tuple[Any, Any], ch.run_auto(run, node, out_sharding=out_sharding))
 
 
 _materialize_jit = jax.jit(materialize)
@@ -272,8 +279,43 @@ def cached(tree: Any, state: Any = None) -> Any:
 
 
 def _materialize_sharded(tree: Any, state: Any, flat_shardings: tuple[Any, ...]) -> Any:
-    shardings = jax.tree_util.tree_structure(tree).unflatten(flat_shardings)
+    treedef: Any = jax.tree_util.tree_structure(tree)
+    shardings = treedef.unflatten(flat_shardings)
     return materialize(tree, state, shardings=shardings)
 
 
 _materialize_sharded_jit = jax.jit(_materialize_sharded, static_argnums=2)
+
+
+def materialize_tensor(
+    node: Parametrized, *, update_state: bool = False, label: str = "<tensor>"
+) -> Any:
+    """Computes one parametrized tensor; the per-tensor form of :func:`paramx.materialize`.
+
+    Args:
+      node: A :class:`paramx.Parametrized` node holding its state.
+      update_state: Run ``update_state`` first (training mode) and return the new state.
+      label: How errors name the tensor.
+
+    Returns:
+      The value; with ``update_state=True``, ``(value, new_state)`` where ``new_state`` is
+      the node's state dict (``node.replace(state=new_state)`` keeps it).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> node = px.tensor.register(jnp.array([[3.0, 0.0], [0.0, 1.0]]), px.SpectralNorm())
+      >>> value, state = px.tensor.materialize(node, update_state=True)
+      >>> value
+      Array([[1.        , 0.        ],
+             [0.        , 0.33333334]], dtype=float32)
+      >>> sorted(state["0"])
+      ['u', 'v']
+    """
+    if not is_node(node):
+        raise ValueError(
+            f"{label} is not parametrized (it is a {ch.type_name(node)}); only a "
+            f"paramx.Parametrized node has a value to compute."
+        )
+    value, new = _node_value(node, None, update_state, label)
+    return (value, new) if update_state else value

@@ -133,7 +133,7 @@ class Parametrized:
             return [f"original{i}" for i in range(len(self.originals))]
         return ["original"]
 
-    def tree_flatten_with_keys(self):
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[GetAttrKey, Any]], tuple[Any, ...]]:
         names = self._original_names()
         if self._aux[4]:
             names.append("params")
@@ -141,12 +141,12 @@ class Parametrized:
             names.append("state")
         return [(GetAttrKey(n), x) for n, x in zip(names, self._children)], self._aux
 
-    def tree_flatten(self):
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         # The hot path: no key objects, no new containers.
         return self._children, self._aux
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux: tuple[Any, ...], children: Any) -> Parametrized:
         node = object.__new__(cls)
         node._children = tuple(children)
         node._aux = aux

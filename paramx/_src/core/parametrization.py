@@ -16,7 +16,7 @@ compare by identity; frozen dataclasses and ``Parametrization`` tuples compare b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 
@@ -84,7 +84,7 @@ def check_parametrization(p: Any) -> None:
 
 def forward_fn(p: Any) -> Callable[..., jax.Array]:
     fwd = getattr(p, "forward", None)
-    return fwd if callable(fwd) else p
+    return cast(Callable[..., jax.Array], fwd if callable(fwd) else p)
 
 
 def right_inverse_fn(p: Any) -> Callable[..., Any] | None:

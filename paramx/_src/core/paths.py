@@ -241,13 +241,18 @@ def select(
     raise ValueError(f"No {what} at path {shown!r}. {hint}")
 
 
-def select_parametrized(tree: Any, where: Where, *, doing: str) -> list[tuple[int, str, Any]]:
+def select_parametrized(
+    tree: Any, where: Where | None, *, doing: str
+) -> list[tuple[int, str, Any]]:
     """``(leaf index, path, node)`` for each parametrized tensor ``where`` selects.
 
-    ``doing`` completes the error raised for a selected leaf that is not parametrized, e.g.
-    "there is no right_inverse to run".
+    ``where=None`` selects every parametrized tensor (possibly none): the one meaning of
+    ``None`` in every function that takes it. ``doing`` completes the error raised for a
+    selected leaf that is not parametrized, e.g. "there is no right_inverse to run".
     """
     leaves = leaves_with_paths(tree)
+    if where is None:
+        return [(i, format_path(p), x) for i, (p, x) in enumerate(leaves) if is_node(x)]
     out = []
     for i in select(tree, where, only_parametrized=True, what="parametrized tensor"):
         path, node = leaves[i]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -80,14 +81,7 @@ def register_parametrization(
       >>> params["Dense_0"]["kernel"].chain_names()
       ['symmetric', 'tanh']
     """
-    pz.check_parametrization(parametrization)
-    if isinstance(unsafe, bool) is False:
-        raise TypeError(f"`unsafe` must be a bool; got {type(unsafe).__name__}: {unsafe!r}.")
-    if isinstance(batch_axes, bool) or not isinstance(batch_axes, int) or batch_axes < 0:
-        raise ValueError(
-            f"`batch_axes` must be a non-negative int (the number of leading stack axes); got "
-            f"{batch_axes!r}."
-        )
+    _check_options(parametrization, unsafe, batch_axes)
     if key is None:
         key = jax.random.key(_DEFAULT_SEED)
     leaves = paths.leaves_with_paths(tree)
@@ -97,20 +91,84 @@ def register_parametrization(
         where_s = paths.format_path(path)
         leaf_key = jax.random.fold_in(key, zlib.crc32(where_s.encode()) & 0x7FFFFFFF)
         box, leaf = paths.unbox(leaf)
-        step = _append if is_node(leaf) else _first
-        # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
-        # otherwise); the new node's arrays keep their inputs' shardings.
-        work = functools.partial(
-            step,
-            p=parametrization,
-            unsafe=unsafe,
-            key=leaf_key,
-            where=where_s,
-            batch_axes=batch_axes,
-        )
-        with ch.at_path(where_s):
-            replacements[i] = paths.rebox(box, ch.run_auto(work, leaf))
+        node = _register_leaf(leaf, parametrization, unsafe, leaf_key, batch_axes, where_s)
+        replacements[i] = paths.rebox(box, node)
     return paths.replace_leaves(tree, replacements)
+
+
+def register_tensor(
+    value: Any,
+    parametrization: Any,
+    *,
+    unsafe: bool = False,
+    key: jax.Array | None = None,
+    batch_axes: int = 0,
+    label: str = "<tensor>",
+) -> Parametrized:
+    """Registers a parametrization on one array (or appends to one node); returns the node.
+
+    The per-tensor form of :func:`paramx.register_parametrization`, for code that holds one
+    tensor rather than a tree (the NNX and linen integrations are built on it). The same
+    checks run; errors name ``label`` where the tree form names the path.
+
+    Args:
+      value: An array, or a :class:`paramx.Parametrized` node to append to.
+      parametrization: As for :func:`paramx.register_parametrization`.
+      unsafe: As for :func:`paramx.register_parametrization`.
+      key: PRNG key for parametrizations with ``init`` (used as given, not folded with a
+        path). Defaults to a fixed key.
+      batch_axes: Leading stack axes of ``value``.
+      label: How errors name the tensor (``"Linear.kernel"``, say).
+
+    Returns:
+      The :class:`paramx.Parametrized` node.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> node = px.tensor.register(jnp.eye(2), px.Orthogonal())
+      >>> node.chain_names()
+      ['orthogonal']
+      >>> px.tensor.materialize(node)
+      Array([[1., 0.],
+             [0., 1.]], dtype=float32)
+    """
+    _check_options(parametrization, unsafe, batch_axes)
+    if key is None:
+        key = jax.random.key(_DEFAULT_SEED)
+    box, leaf = paths.unbox(value)
+    if box is not None:
+        raise TypeError(
+            f"register_tensor takes an array or a node; {label} is a Flax metadata box "
+            f"({type(box).__name__}). Pass its value, or use paramx.register_parametrization on "
+            f"the tree, which keeps the box."
+        )
+    return _register_leaf(leaf, parametrization, unsafe, key, batch_axes, label)
+
+
+def _check_options(parametrization: Any, unsafe: Any, batch_axes: Any) -> None:
+    pz.check_parametrization(parametrization)
+    if isinstance(unsafe, bool) is False:
+        raise TypeError(f"`unsafe` must be a bool; got {type(unsafe).__name__}: {unsafe!r}.")
+    if isinstance(batch_axes, bool) or not isinstance(batch_axes, int) or batch_axes < 0:
+        raise ValueError(
+            f"`batch_axes` must be a non-negative int (the number of leading stack axes); got "
+            f"{batch_axes!r}."
+        )
+
+
+def _register_leaf(
+    leaf: Any, p: Any, unsafe: bool, key: jax.Array, batch_axes: int, where: str
+) -> Parametrized:
+    step = _append if is_node(leaf) else _first
+    # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
+    # otherwise); the new node's arrays keep their inputs' shardings.
+    work = functools.partial(
+        step, p=p, unsafe=unsafe, key=key, where=where, batch_axes=batch_axes
+    )
+    with ch.at_path(where):
+        node: Parametrized = ch.run_auto(work, leaf)
+    return node
 
 
 def _init(p: Any, value: Any, key: jax.Array, *, where: str) -> tuple[Any, Any]:
@@ -211,7 +269,9 @@ def _first(
     return node
 
 
-def _per_tensor(one: Any, value: Any, key: jax.Array, batch_axes: int) -> Parametrized:
+def _per_tensor(
+    one: Callable[[Any, jax.Array], Parametrized], value: Any, key: jax.Array, batch_axes: int
+) -> Parametrized:
     """``one(value, key)``, or, for a stack, ``one`` on each tensor with its own key.
 
     A stack is mapped with ``jax.vmap``; a parametrization whose ``right_inverse`` or ``init``
@@ -222,12 +282,12 @@ def _per_tensor(one: Any, value: Any, key: jax.Array, batch_axes: int) -> Parame
     batch = value.shape[:batch_axes]
     keys = jax.random.split(key, batch)
     try:
-        return ch.per_tensor(one, batch_axes)(value, keys)
+        return cast(Parametrized, ch.per_tensor(one, batch_axes)(value, keys))
     except ch.NEEDS_CONCRETE:
         if not is_concrete(value):
             raise
     nodes = [one(value[idx], keys[idx]) for idx in np.ndindex(*batch)]
-    flat = [jax.tree_util.tree_flatten(n) for n in nodes]
+    flat: list[tuple[list[Any], Any]] = [jax.tree_util.tree_flatten(n) for n in nodes]
     treedef = flat[0][1]
     if any(t != treedef for _, t in flat):
         raise ValueError(
@@ -238,7 +298,7 @@ def _per_tensor(one: Any, value: Any, key: jax.Array, batch_axes: int) -> Parame
         jax.numpy.stack(xs).reshape(*batch, *np.shape(xs[0]))
         for xs in zip(*(leaves for leaves, _ in flat))
     ]
-    return jax.tree_util.tree_unflatten(treedef, stacked)
+    return cast(Parametrized, jax.tree_util.tree_unflatten(treedef, stacked))
 
 
 def _append(
@@ -262,6 +322,7 @@ def _append(
             return _init(p, value, key, where=where)
 
         if n_stack:
+            assert current is not None  # an `init` needs the value
             keys = jax.random.split(key, current.shape[:n_stack])
             p_init, s_init = ch.per_tensor(init_one, n_stack)(current, keys)
         else:

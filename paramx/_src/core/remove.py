@@ -7,11 +7,16 @@ from typing import Any
 from paramx._src.core import chain as ch
 from paramx._src.core import parametrization as pz
 from paramx._src.core import paths
+from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.state import merge_state
 
 
 def remove_parametrizations(
-    tree: Any, where: paths.Where, *, leave_parametrized: bool = True, state: Any = None
+    tree: Any,
+    where: paths.Where | None = None,
+    leave_parametrized: bool = True,
+    *,
+    state: Any = None,
 ) -> Any:
     """Removes the parametrizations of one or more tensors; returns a new tree.
 
@@ -48,33 +53,73 @@ def remove_parametrizations(
       >>> px.remove_parametrizations(tree, "w", leave_parametrized=False)["w"]
       Array([0.       , 0.6931472], dtype=float32)
     """
-    if not isinstance(leave_parametrized, bool):
-        raise TypeError(
-            f"`leave_parametrized` must be a bool; got {type(leave_parametrized).__name__}."
-        )
+    _check_flag(leave_parametrized)
     if state is not None:
         tree = merge_state(tree, state)
     replacements = {}
     for i, where_s, node in paths.select_parametrized(tree, where, doing="nothing to remove"):
-        if leave_parametrized:
-            try:
-                replacements[i] = ch.node_value(node, where=where_s)[0]
-            except ValueError as e:
-                if node.state or not any(pz.init_fn(p) for p in node.chain):
-                    raise
-                raise ValueError(
-                    f"Cannot compute the parametrized value at {where_s} to leave in place: this "
-                    f"tree holds no state for it (the trainable half from `split_state`?). Pass "
-                    f"the state half: `paramx.remove_parametrizations(params, where, "
-                    f"state=state)`, or use `leave_parametrized=False` to keep the raw original. "
-                    f"({e})"
-                ) from e
-        elif node.multi:
-            raise ValueError(
-                f"Cannot leave unparametrized (`leave_parametrized=False`) a tensor that is "
-                f"parametrized in terms of a sequence of tensors (at {where_s}: "
-                f"{len(node.originals)} originals). Use `leave_parametrized=True`."
-            )
-        else:
-            replacements[i] = node.originals[0]
+        replacements[i] = _remove_node(node, leave_parametrized, where_s)
     return paths.replace_leaves(tree, replacements)
+
+
+def remove_tensor(
+    node: Parametrized, leave_parametrized: bool = True, *, label: str = "<tensor>"
+) -> Any:
+    """Removes the parametrizations of one tensor; returns the plain array.
+
+    The per-tensor form of :func:`paramx.remove_parametrizations`: the current value
+    (``leave_parametrized=True``, computed without a state update) or the raw original.
+
+    Args:
+      node: A :class:`paramx.Parametrized` node (holding its state).
+      leave_parametrized: Keep the parametrized value (True) or the original (False).
+      label: How errors name the tensor.
+
+    Returns:
+      The array.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> positive = px.Parametrization(forward=jnp.exp, right_inverse=jnp.log)
+      >>> node = px.tensor.register(jnp.array([1.0, 2.0]), positive)
+      >>> px.tensor.remove(node, leave_parametrized=False)
+      Array([0.       , 0.6931472], dtype=float32)
+    """
+    _check_flag(leave_parametrized)
+    if not is_node(node):
+        raise ValueError(
+            f"{label} is not parametrized (it is a {ch.type_name(node)}): nothing to remove."
+        )
+    return _remove_node(node, leave_parametrized, label)
+
+
+def _check_flag(leave_parametrized: Any) -> None:
+    if not isinstance(leave_parametrized, bool):
+        raise TypeError(
+            f"`leave_parametrized` must be a bool; got {type(leave_parametrized).__name__}."
+        )
+
+
+def _remove_node(node: Parametrized, leave_parametrized: bool, where_s: str) -> Any:
+    if leave_parametrized:
+        try:
+            return ch.node_value(node, where=where_s)[0]
+        except ValueError as e:
+            if node.state or not any(pz.init_fn(p) for p in node.chain):
+                raise
+            raise ValueError(
+                f"Cannot compute the parametrized value at {where_s} to leave in place: this "
+                f"tree holds no state for it (the trainable half from `split_state`?). Pass "
+                f"the state half: `paramx.remove_parametrizations(params, where, "
+                f"state=state)`, or use `leave_parametrized=False` to keep the raw original. "
+                f"({e})"
+            ) from e
+    elif node.multi:
+        raise ValueError(
+            f"Cannot leave unparametrized (`leave_parametrized=False`) a tensor that is "
+            f"parametrized in terms of a sequence of tensors (at {where_s}: "
+            f"{len(node.originals)} originals). Use `leave_parametrized=True`."
+        )
+    else:
+        return node.originals[0]

@@ -1,8 +1,11 @@
 """Keeping state apart from the trainable tree: `split_state` and `merge_state`.
 
-The state half mirrors the tree's containers: each parametrized leaf holds a dict of its
-links' states keyed by link position (``{'0': {'u': ..., 'v': ...}}``), every other leaf is
-``None``. It is a plain pytree of dicts, so it serializes like a Flax collection.
+The state half has one layout everywhere (``split_state``, ``materialize(update_state=True)``,
+``paramx.linen``'s ``'paramx_state'`` collection): a sparse nested dict, as a Flax collection
+such as ``'batch_stats'`` is. It holds an entry only at the paths of parametrized tensors that
+have state, and the entry is a dict of the links' states keyed by link position
+(``{'Dense_0': {'kernel': {'0': {'u': ..., 'v': ...}}}}``). ``merge_state`` also accepts,
+at the edge, the mirror layout of earlier versions (``None`` at every other leaf).
 """
 
 from __future__ import annotations
@@ -51,26 +54,41 @@ def split_state(tree: Any) -> tuple[Any, Any]:
     def strip(x: Any) -> Any:
         return x.replace(state={}) if is_node(x) else x
 
-    def keep(x: Any) -> Any:
-        return dict(x.state) if is_node(x) else None
+    entries = [(p, x.state) for p, x in paths.leaves_with_paths(tree) if is_node(x)]
+    return jax.tree_util.tree_map(strip, tree, is_leaf=is_node), sparse_state(entries)
 
-    return (
-        jax.tree_util.tree_map(strip, tree, is_leaf=is_node),
-        jax.tree_util.tree_map(keep, tree, is_leaf=is_node),
-    )
+
+def sparse_state(entries: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """The state half from ``(key path, state dict)`` pairs: a nested dict keyed by each
+    path's plain keys, with no entry for an empty state."""
+    out: dict[str, Any] = {}
+    for path, state in entries:
+        if not state:
+            continue
+        keys = paths.path_keys(path)
+        if not keys:
+            raise ValueError(
+                "The tree is itself a parametrized tensor (no path to file its state under). "
+                "Put it in a dict ({'w': node}), or use paramx.tensor.materialize on the node."
+            )
+        level = out
+        for k in keys[:-1]:
+            level = level.setdefault(k, {})
+        level[keys[-1]] = dict(state)
+    return out
 
 
 def merge_state(params: Any, state: Any) -> Any:
     """Puts a state half back into the trainable half; the inverse of :func:`split_state`.
 
-    Each node takes the state found at its own path in ``state``. Two layouts are accepted:
-    the mirror that :func:`split_state` and :func:`paramx.materialize` return (``None`` at
-    plain leaves), and the sparse nested dict of a Flax collection (only the parametrized
-    paths, as ``paramx.linen`` stores it in ``'paramx_state'``).
+    Each node takes the state found at its own path in ``state``, in the one layout of
+    :func:`split_state`, :func:`paramx.materialize` and ``paramx.linen``'s
+    ``'paramx_state'`` collection (a sparse nested dict). The mirror layout of earlier
+    versions (``None`` at every plain leaf) is accepted too, for old checkpoints.
 
     Args:
       params: The trainable half (or any registered tree).
-      state: A state half, in either layout.
+      state: A state half.
 
     Returns:
       A registered tree whose nodes hold ``state``.
@@ -148,7 +166,7 @@ def _lookup(state: Any, path: Any) -> Any:
     return state
 
 
-def _check_layout(params: Any, state: Any, at: tuple) -> None:
+def _check_layout(params: Any, state: Any, at: tuple[Any, ...]) -> None:
     if state is None or is_node(params):
         return
     if paths.is_box(params):  # a Flax metadata box: look inside it (the state may be boxed too)

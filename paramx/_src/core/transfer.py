@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 
@@ -101,4 +101,4 @@ def _insert(tree: Any, keys: tuple[Any, ...], value: Any, where_s: str) -> Any:
     items = dict(tree.items())
     items[head] = value if not rest else _insert(items.get(head), rest, value, where_s)
     # the same container type back (FrozenDict stays a FrozenDict)
-    return items if type(tree) is dict else type(tree)(items)
+    return items if type(tree) is dict else cast(Any, type(tree))(items)

@@ -34,7 +34,7 @@ from paramx._src.core import paths
 from paramx._src.core.materialize import materialize
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.register import register_parametrization
-from paramx._src.core.state import merge_state
+from paramx._src.core.state import merge_state, split_state
 
 _STATE_COLLECTION = "paramx_state"
 _FLAG = "use_running_average"
@@ -106,30 +106,6 @@ def _map_nodes(fn: Callable[[Any, Parametrized], Any], tree: Any) -> Any:
 
 def _nodes(tree: Any) -> list[Parametrized]:
     return [leaf for _, leaf in paths.leaves_with_paths(tree) if is_node(leaf)]
-
-
-def state_of(tree: Any) -> dict:
-    """The state collection for a registered params tree: each node's state at its path."""
-    out: dict = {}
-    for path, leaf in paths.leaves_with_paths(tree):
-        if is_node(leaf) and leaf.state:
-            _nested_set(out, paths.path_keys(path), dict(leaf.state))
-    return out
-
-
-def with_state(tree: Any, state: Any) -> Any:
-    """Puts a state collection (as :func:`state_of` builds it) back into the nodes."""
-
-    def put(path: Any, node: Parametrized) -> Parametrized:
-        found = _nested_get(state, paths.path_keys(path)) if state else None
-        return node.replace(state=dict(found) if found else {})
-
-    return _map_nodes(put, tree)
-
-
-def strip_state(tree: Any) -> Any:
-    """The params collection for a registered tree: nodes without their state."""
-    return _map_nodes(lambda _, node: node.replace(state={}), tree)
 
 
 def _updates_state(tree: Any) -> bool:
@@ -365,11 +341,10 @@ class Parametrize(nn.Module):
             plain = memo.get(leaves, update)
             if plain is not None:
                 return {**cols, col: plain, scol: state}
-            tree = with_state(raw, state)
+            tree = merge_state(raw, state)
             try:
                 if update:
-                    plain, half = materialize(tree, update_state=True)
-                    new_state = state_of(merge_state(tree, half))
+                    plain, new_state = materialize(tree, update_state=True)
                 else:
                     plain, new_state = materialize(tree), state
             except (ValueError, TypeError) as e:
@@ -394,8 +369,7 @@ class Parametrize(nn.Module):
                     # Drawn after the wrapped module's initializers ran: their draws are the
                     # ones the unwrapped module would make.
                     tree = self._register(out[col], self.make_rng("params"))
-                    out[col] = strip_state(tree)
-                    registered = state_of(tree)
+                    out[col], registered = split_state(tree)
                     if registered:
                         out[scol] = registered
             return out
