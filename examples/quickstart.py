@@ -170,9 +170,9 @@ def main(argv=None):
     learned = args.smoke or losses[-1] < 0.1 * losses[0]
     _util.check("loss (first -> last)", f"{losses[0]:.4f} -> {losses[-1]:.5f}", finite and learned)
 
-    print("Constraints after training (px.cached: evaluation, no state update):")
+    print("Constraints after training (px.precompute: evaluation, no state update):")
     state = refresh(params, state)  # one power step per training step lags a little
-    plain = px.cached(params, state)
+    plain = px.precompute(params, state)
     w0, w1, w2, w3 = kernels(plain)
     g = np.asarray(px.originals(params, "params/Dense_0/kernel")[0])
     err = float(np.max(np.abs(np.linalg.norm(w0, axis=0, keepdims=True) - g)))
@@ -195,7 +195,7 @@ def main(argv=None):
     blob = serialization.to_bytes({"params": params, "state": state})
     target_tree = {"params": params0, "state": state0}  # same registrations, untrained values
     restored = serialization.from_bytes(target_tree, blob)
-    back = px.cached(restored["params"], restored["state"])
+    back = px.precompute(restored["params"], restored["state"])
     diff = _util.max_diff(back, plain)
     _util.check(f"saved {len(blob)} bytes; max |restored - trained| weights", diff, diff == 0.0)
 

@@ -249,11 +249,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
 
     print("Spectral norm of the discriminator's kernels (exact, by SVD):")
-    during = top_singular_values(px.cached(d_params, d_state))  # evaluation: no state update
+    during = top_singular_values(px.precompute(d_params, d_state))  # evaluation: no state update
     # One power step per update lags a little behind the moving weights: sigma is slightly
     # underestimated, so W / sigma is slightly above 1 "in training". More steps catch up.
     d_state = refresh(d_params, d_state)
-    d_plain = px.cached(d_params, d_state)
+    d_plain = px.precompute(d_params, d_state)
     sigmas = top_singular_values(d_plain)
     for name, sigma in sigmas.items():
         shown = f"{sigma:.5f} (before 100 extra steps: {during[name]:.5f})"

@@ -44,6 +44,7 @@ from paramx._src.core.inspect import originals as originals
 from paramx._src.core.inspect import summary as summary
 from paramx._src.core.materialize import cached as cached
 from paramx._src.core.materialize import materialize as materialize
+from paramx._src.core.materialize import precompute as precompute
 from paramx._src.core.node import Parametrized as Parametrized
 from paramx._src.core.parametrization import Parametrization as Parametrization
 from paramx._src.core.paths import path_keys as path_keys
@@ -73,7 +74,6 @@ __all__ = [
     "SpectralNorm",
     "WeightNorm",
     "assign",
-    "cached",
     "get_parametrized",
     "is_parametrized",
     "materialize",
@@ -83,6 +83,7 @@ __all__ = [
     "param_labels",
     "param_mask",
     "path_keys",
+    "precompute",
     "register_parametrization",
     "remove_parametrizations",
     "spectral_norm",

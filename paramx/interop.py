@@ -57,9 +57,9 @@ Examples:
   (4, 2)
 """
 
-from paramx._src.integrations.torch_state_dict import LAYOUTS as LAYOUTS
-from paramx._src.integrations.torch_state_dict import IncompatibleKeys as IncompatibleKeys
-from paramx._src.integrations.torch_state_dict import from_torch_state_dict as from_torch_state_dict
-from paramx._src.integrations.torch_state_dict import to_torch_state_dict as to_torch_state_dict
+from paramx._src.integrations.torch.layouts import LAYOUTS as LAYOUTS
+from paramx._src.integrations.torch.read import from_torch_state_dict as from_torch_state_dict
+from paramx._src.integrations.torch.report import IncompatibleKeys as IncompatibleKeys
+from paramx._src.integrations.torch.write import to_torch_state_dict as to_torch_state_dict
 
 __all__ = ["LAYOUTS", "IncompatibleKeys", "from_torch_state_dict", "to_torch_state_dict"]

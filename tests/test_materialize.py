@@ -162,6 +162,7 @@ def test_cached_computes_once_for_many_calls():
     batches = [jnp.ones((2, 3), jnp.float32) * i for i in range(5)]
 
     runs["n"] = 0
+    assert px.cached is px.precompute  # the earlier name stays an alias
     weights = px.cached(tree)
     outs = [apply(weights, b) for b in batches]
     jax.effects_barrier()

@@ -10,7 +10,7 @@ from flax import nnx
 
 import paramx as px
 import paramx.nnx as pnx
-from paramx._src.integrations import nnx as pnx_src
+from paramx._src.integrations.nnx import shared as pnx_shared
 
 F32 = jnp.float32
 
@@ -166,7 +166,7 @@ def test_an_unshared_kernel_skips_the_sharing_search(monkeypatch):
     def fail(*args):
         raise AssertionError("searched for holders of an unshared Variable")
 
-    monkeypatch.setattr(pnx_src, "_other_holders", fail)
+    monkeypatch.setattr(pnx_shared, "other_holders", fail)
     layer = pnx.orthogonal(nnx.Linear(3, 3, rngs=nnx.Rngs(0)))
     assert pnx.is_parametrized(layer, "kernel")
 

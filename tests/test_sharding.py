@@ -105,7 +105,7 @@ def make_step(shardings=None):
 
 
 ref_loss, ref_state, ref_plain, ref_grads = make_step()(params, state)
-ref_eval = px.cached(px.merge_state(params, state))  # no state update
+ref_eval = px.precompute(px.merge_state(params, state))  # no state update
 
 
 def put(x, mesh, spec):
@@ -159,7 +159,7 @@ for mode, mesh_name, shape, names, spec in configs:
             shardings = jax.tree.map(lambda x: x.sharding, px.merge_state(sp, ss))
         check(tag, sp, ss, *make_step(shardings)(sp, ss))
         if tag == "auto/model8":
-            plain = px.cached(px.merge_state(sp, ss))
+            plain = px.precompute(px.merge_state(sp, ss))
             for k, v in plain.items():
                 record(f"{tag}/cached/{k}/value_err", err(v, ref_eval[k]))
                 record(f"{tag}/cached/{k}/kept", same(v.sharding, wanted(sp[k], v.shape)))

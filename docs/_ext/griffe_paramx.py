@@ -44,7 +44,17 @@ def _load_folder(folder: Path, parent: griffe.Module, loader: griffe.GriffeLoade
         )
         parent.set_member(path.stem, module)
     for sub in sorted(d for d in folder.iterdir() if (d / "__init__.py").is_file()):
-        package = griffe.Module(sub.name, filepath=sub / "__init__.py", parent=parent)
+        init = sub / "__init__.py"
+        package = griffe.visit(
+            sub.name,
+            filepath=init,
+            code=init.read_text(encoding="utf-8"),
+            parent=parent,
+            extensions=loader.extensions,
+            docstring_parser=loader.docstring_parser,
+            docstring_options=loader.docstring_options,
+            lines_collection=loader.lines_collection,
+        )
         parent.set_member(sub.name, package)
         _load_folder(sub, package, loader)
 
@@ -58,3 +68,34 @@ class LoadPrivateSources(griffe.Extension):
         pkg.set_member("_src", src)
         _load_folder(folder, src, loader)
         _plain_roles(pkg)
+
+
+class DocumentBuiltFunctions(griffe.Extension):
+    """Documents the functions a public module builds at import time (``paramx.nnx``'s
+    torch-named functions, made from the parametrization classes): names of the module's
+    runtime ``__all__`` that its source does not define are inspected from the live objects
+    (their ``__signature__`` and ``__doc__``)."""
+
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        if pkg.name != "paramx":
+            return
+        import importlib
+
+        for name, member in list(pkg.members.items()):
+            if member.is_alias or not isinstance(member, griffe.Module) or name.startswith("_"):
+                continue
+            live = importlib.import_module(f"paramx.{name}")
+            missing = [n for n in getattr(live, "__all__", ()) if n not in member.members]
+            if not missing:
+                continue
+            inspected = griffe.inspect(
+                f"paramx.{name}",
+                filepath=member.filepath,
+                docstring_parser=loader.docstring_parser,
+                docstring_options=loader.docstring_options,
+            )
+            for n in missing:
+                obj = inspected.members[n]
+                obj.parent = member
+                member.set_member(n, obj)
+                _plain_roles(obj)

@@ -48,6 +48,7 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
       >>> px.materialize(tree)["s"]
       Array([2., 3.], dtype=float32)
     """
+    paths.check_where(where)
     if not ch.is_array(value):
         raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")
     value = jnp.asarray(value)

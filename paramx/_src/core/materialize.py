@@ -244,7 +244,7 @@ def _node_value_explicit(
 _materialize_jit = jax.jit(materialize)
 
 
-def cached(tree: Any, state: Any = None) -> Any:
+def precompute(tree: Any, state: Any = None) -> Any:
     """Computes every parametrized tensor once, compiled, for reuse across many calls.
 
     torch's ``with cached():`` block becomes a value: compute the plain tree once and pass it
@@ -267,7 +267,7 @@ def cached(tree: Any, state: Any = None) -> Any:
       >>> import jax.numpy as jnp
       >>> import paramx as px
       >>> tree = px.register_parametrization({"w": jnp.eye(2)}, "w", jnp.tanh, unsafe=True)
-      >>> weights = px.cached(tree)              # once
+      >>> weights = px.precompute(tree)          # once
       >>> outputs = [x @ weights["w"] for x in jnp.ones((3, 2))]  # many reads, no recompute
     """
     leaves = jax.tree_util.tree_leaves(tree)
@@ -319,3 +319,9 @@ def materialize_tensor(
         )
     value, new = _node_value(node, None, update_state, label)
     return (value, new) if update_state else value
+
+
+cached = precompute
+"""The earlier name of :func:`precompute` (kept as an alias). ``paramx.nnx.cached`` is torch's
+context manager for NNX modules; the functional API's cache is the value ``precompute``
+returns."""

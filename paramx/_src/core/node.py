@@ -11,7 +11,7 @@ and ``...['kernel'].state['<i>']``, where ``<i>`` is the position of the link in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.tree_util import GetAttrKey
@@ -19,6 +19,18 @@ from jax.tree_util import GetAttrKey
 from paramx._src.core import parametrization as pz
 
 PyTree = Any
+
+
+class _Static(NamedTuple):
+    """A node's static part (its pytree aux data), compared and hashed by value under jit."""
+
+    chain: tuple[Any, ...]
+    multi: bool
+    unsafe: bool
+    n_originals: int
+    has_params: bool
+    has_state: bool
+    event_ndims: tuple[int, ...]
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -79,45 +91,45 @@ class Parametrized:
         if event_ndims is None:
             event_ndims = tuple(len(getattr(x, "shape", ())) for x in originals)
         self._children = (*originals, *extra)
-        self._aux = (
-            tuple(chain),
-            multi,
-            unsafe,
-            len(originals),
-            bool(params),
-            bool(state),
-            tuple(int(d) for d in event_ndims),
+        self._aux = _Static(
+            chain=tuple(chain),
+            multi=multi,
+            unsafe=unsafe,
+            n_originals=len(originals),
+            has_params=bool(params),
+            has_state=bool(state),
+            event_ndims=tuple(int(d) for d in event_ndims),
         )
 
     @property
     def originals(self) -> tuple[Any, ...]:
-        return self._children[: self._aux[3]]
+        return self._children[: self._aux.n_originals]
 
     @property
     def chain(self) -> tuple[Any, ...]:
-        return self._aux[0]
+        return self._aux.chain
 
     @property
     def params(self) -> dict[str, PyTree]:
-        n, has_params = self._aux[3], self._aux[4]
-        return self._children[n] if has_params else {}
+        aux = self._aux
+        return self._children[aux.n_originals] if aux.has_params else {}
 
     @property
     def state(self) -> dict[str, PyTree]:
-        n, has_params, has_state = self._aux[3], self._aux[4], self._aux[5]
-        return self._children[n + has_params] if has_state else {}
+        aux = self._aux
+        return self._children[aux.n_originals + aux.has_params] if aux.has_state else {}
 
     @property
     def multi(self) -> bool:
-        return self._aux[1]
+        return self._aux.multi
 
     @property
     def unsafe(self) -> bool:
-        return self._aux[2]
+        return self._aux.unsafe
 
     @property
     def event_ndims(self) -> tuple[int, ...]:
-        return self._aux[6]
+        return self._aux.event_ndims
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -127,26 +139,31 @@ class Parametrized:
         extra = len(shape) - self.event_ndims[0]
         return shape[:extra] if extra > 0 else ()
 
-    # ----- pytree protocol -------------------------------------------------------------
-    def _original_names(self) -> list[str]:
+    @property
+    def original_names(self) -> tuple[str, ...]:
+        """torch's names of the originals: ``("original",)``, or ``("original0", ...)``."""
         if self.multi:
-            return [f"original{i}" for i in range(len(self.originals))]
-        return ["original"]
+            return tuple(f"original{i}" for i in range(self._aux.n_originals))
+        return ("original",)
 
-    def tree_flatten_with_keys(self) -> tuple[list[tuple[GetAttrKey, Any]], tuple[Any, ...]]:
-        names = self._original_names()
-        if self._aux[4]:
+    def _original_names(self) -> list[str]:  # the earlier private spelling
+        return list(self.original_names)
+
+    # ----- pytree protocol -------------------------------------------------------------
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[GetAttrKey, Any]], _Static]:
+        names = list(self.original_names)
+        if self._aux.has_params:
             names.append("params")
-        if self._aux[5]:
+        if self._aux.has_state:
             names.append("state")
         return [(GetAttrKey(n), x) for n, x in zip(names, self._children)], self._aux
 
-    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    def tree_flatten(self) -> tuple[tuple[Any, ...], _Static]:
         # The hot path: no key objects, no new containers.
         return self._children, self._aux
 
     @classmethod
-    def tree_unflatten(cls, aux: tuple[Any, ...], children: Any) -> Parametrized:
+    def tree_unflatten(cls, aux: _Static, children: Any) -> Parametrized:
         node = object.__new__(cls)
         node._children = tuple(children)
         node._aux = aux

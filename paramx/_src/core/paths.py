@@ -131,7 +131,11 @@ def check_where(where: Any) -> None:
     if isinstance(where, (set, frozenset)):
         hint = " A set has no order; to select several leaves, use a predicate."
     elif where is None:
-        hint = " None is not a selection here; give the path of the tensor."
+        hint = (
+            " None (every parametrized tensor, where a function accepts it: is_parametrized, "
+            "remove_parametrizations, transfer_parametrizations_and_params) is not a selection "
+            "for a function that sets values; give the path of the tensor, or a predicate."
+        )
     raise TypeError(f"`where` must be {WHERE_FORMS}; got {type(where).__name__}: {where!r}.{hint}")
 
 

@@ -163,9 +163,7 @@ def _register_leaf(
     step = _append if is_node(leaf) else _first
     # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
     # otherwise); the new node's arrays keep their inputs' shardings.
-    work = functools.partial(
-        step, p=p, unsafe=unsafe, key=key, where=where, batch_axes=batch_axes
-    )
+    work = functools.partial(step, p=p, unsafe=unsafe, key=key, where=where, batch_axes=batch_axes)
     with ch.at_path(where):
         node: Parametrized = ch.run_auto(work, leaf)
     return node

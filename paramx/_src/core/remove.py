@@ -30,7 +30,8 @@ def remove_parametrizations(
     Args:
       tree: A registered tree.
       where: A path, a tuple of keys, or a predicate; a predicate sees parametrized tensors
-        only.
+        only. ``None`` (the default) removes every parametrization of the tree, the meaning
+        ``None`` has wherever ``where`` accepts it.
       leave_parametrized: Keep the parametrized value (True) or the original (False).
       state: The state half, when ``tree`` is the trainable half from
         :func:`paramx.split_state` (stateful parametrizations need it to compute the value).

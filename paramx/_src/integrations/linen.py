@@ -17,11 +17,18 @@ The wrapper keeps no record of its own: whether a subtree is already registered 
 the variables (they hold ``Parametrized`` nodes), so lifted transforms that trace the body
 several times (``nn.scan``, ``nn.vmap``, ``nn.remat``, ``nn.jit``) see the same thing each
 time.
+
+With ``layout="arrays"`` the ``'params'`` collection holds plain arrays only: each
+parametrized tensor is a dict of its originals (``{"original": w}`` or ``{"original0": g,
+"original1": v}``, plus ``"params"`` for links with learnable arrays), and the wrapper
+rebuilds the nodes from its own rules at every call. NNX (``nnx.bridge.ToNNX``) needs this
+layout: it merges all collections of a module into one namespace and trains arrays only.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +45,9 @@ from paramx._src.core.state import merge_state, split_state
 
 _STATE_COLLECTION = "paramx_state"
 _FLAG = "use_running_average"
+_LAYOUTS = ("nodes", "arrays")
+_ORIGINAL = re.compile(r"original\d*")
+_PARAMS_KEY = "params"
 
 
 def normalize_rules(rules: Any) -> tuple[tuple[Any, Any], ...]:
@@ -121,6 +131,59 @@ def _takes_flag(module: nn.Module) -> bool:
         return False
 
 
+# ----- layout="arrays": a node as a dict of plain arrays, and back ---------------------------
+def _is_group(x: Any) -> bool:
+    """Whether ``x`` looks like a node stored in the arrays layout: a dict with an
+    ``original`` / ``original0`` entry holding an array (never a dict)."""
+    if not isinstance(x, Mapping):
+        return False
+    firsts = [x[k] for k in ("original", "original0") if k in x]
+    return bool(firsts) and not isinstance(paths.unbox(firsts[0])[1], Mapping)
+
+
+def _group_or_leaf(x: Any) -> bool:
+    return _is_group(x) or _node_or_box(x)
+
+
+def _groups(tree: Any) -> dict[tuple[Any, ...], Any]:
+    """The arrays-layout groups in ``tree``, by their plain key paths."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_group_or_leaf)[0]
+    return {paths.path_keys(path): x for path, x in flat if _is_group(x)}
+
+
+def _as_arrays(tree: Any, plain: Any) -> Any:
+    """Each (boxed) node of a registered ``tree`` as a dict of its originals and params.
+
+    A metadata box around a node goes onto each original with the shape of the tensor it
+    stood for (``plain``, the tree before registration), where its per-axis names still apply.
+    """
+    shapes = {
+        paths.path_keys(path): getattr(leaf, "shape", None)
+        for path, leaf in paths.leaves_with_paths(plain)
+    }
+
+    def expand(path: Any, x: Any) -> Any:
+        box, node = paths.unbox(x)
+        if not is_node(node):
+            return x
+        shape = shapes.get(paths.path_keys(path))
+        out: dict[str, Any] = {
+            name: paths.rebox(box, a) if box is not None and a.shape == shape else a
+            for name, a in zip(node.original_names, node.originals)
+        }
+        if node.params:
+            out[_PARAMS_KEY] = dict(node.params)
+        return out
+
+    return jax.tree_util.tree_map_with_path(expand, tree, is_leaf=_node_or_box)
+
+
+def _spec(group: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
+    """What a predicate sees for a stored group: the first original's shape and dtype."""
+    first = paths.unbox(group["original" if "original" in group else "original0"])[1]
+    return jax.ShapeDtypeStruct(first.shape, first.dtype)
+
+
 class _Memo:
     """The materialized view of one bound wrapper, reused by its later calls.
 
@@ -174,6 +237,18 @@ class Parametrize(nn.Module):
       model then runs the chain per layer. Wrapping the transformed module instead sees the
       stacked kernels: pass ``batch_axes=1`` (the number of stack axes) so that each layer is
       still parametrized on its own.
+    - **Layout.** ``layout="nodes"`` (the default) stores each parametrized tensor in the
+      ``'params'`` collection as a :class:`paramx.Parametrized` node, which
+      :func:`paramx.materialize` and the other tree functions read outside the model.
+      ``layout="arrays"`` stores plain arrays only: a dict of the node's fields
+      (``{"original": w}``, or ``{"original0": g, "original1": v}``, plus ``"params"``
+      for links with learnable arrays), and the wrapper rebuilds the nodes from its rules
+      at each call. ``flax.nnx.bridge.ToNNX`` needs ``layout="arrays"`` (with the default,
+      NNX fails in ``lazy_init`` with ``argument of type 'Parametrized' is not iterable``).
+      In this layout a predicate in ``rules`` is called, at apply time, with a
+      ``jax.ShapeDtypeStruct`` of the stored original (the first one when there are
+      several) as its leaf, the value itself not being stored: select by path. Variables
+      created with the other layout raise a ``ValueError`` saying so.
 
     Put the wrapper outside an ``nn.scan`` over time (wrap the scanned module, whose
     parameters are broadcast) to compute the parametrization once per sequence; a wrapper
@@ -196,6 +271,8 @@ class Parametrize(nn.Module):
       batch_axes: Leading axes of the selected variables that index a stack of layers (the
         wrapped module is an ``nn.scan`` or ``nn.vmap`` over layers): each layer is
         parametrized on its own. Passed to :func:`paramx.register_parametrization`.
+      layout: ``"nodes"`` (default) or ``"arrays"`` (plain arrays in ``'params'``, for
+        ``nnx.bridge.ToNNX``), as described above.
 
     Examples:
       >>> import jax
@@ -219,6 +296,29 @@ class Parametrize(nn.Module):
       >>> y = layer.apply(variables, jnp.ones((1, 3)), use_running_average=True)
       >>> y.shape
       (1, 3)
+
+      The arrays layout, for the NNX bridge: ``'params'`` holds plain arrays only.
+
+      >>> import optax
+      >>> from flax import nnx
+      >>> layer = px.linen.Parametrize(nn.Dense(3), {"kernel": px.SpectralNorm()}, layout="arrays")
+      >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> jax.tree.map(jnp.shape, variables["params"])
+      {'bias': (3,), 'kernel': {'original': (3, 3)}}
+      >>> model = nnx.bridge.ToNNX(layer, rngs=nnx.Rngs(0))
+      >>> model = model.lazy_init(jnp.ones((1, 3)))
+      >>> opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+      >>> @nnx.jit
+      ... def train_step(model, opt, x):
+      ...     def loss(m):
+      ...         y = m(x, use_running_average=False, mutable=["paramx_state"])
+      ...         return jnp.mean(y**2)
+      ...     value, grads = nnx.value_and_grad(loss)(model)
+      ...     opt.update(model, grads)
+      ...     return value
+      >>> value = train_step(model, opt, jnp.ones((2, 3)))
+      >>> model(jnp.ones((1, 3))).shape  # evaluation: the state is read, not changed
+      (1, 3)
     """
 
     module: nn.Module
@@ -229,8 +329,15 @@ class Parametrize(nn.Module):
     unsafe: bool = False
     collection: str = "params"
     batch_axes: int = 0
+    layout: str = "nodes"
 
     def setup(self) -> None:
+        if self.layout not in _LAYOUTS:
+            raise ValueError(
+                f"{self._where()}: `layout` must be 'nodes' (the params collection holds "
+                f"paramx.Parametrized nodes) or 'arrays' (it holds plain arrays, as "
+                f"nnx.bridge.ToNNX needs); got {self.layout!r}."
+            )
         nn.share_scope(self, self.module)
         self._memo = _Memo()
 
@@ -306,7 +413,112 @@ class Parametrize(nn.Module):
         if self.scope is None:
             return False
         found = self.variables.get(self.collection, {})
-        return bool(_nodes(found))
+        return bool(_nodes(found)) or bool(_groups(found))
+
+    def _layout_error(self, at: str, found: str, made: str) -> ValueError:
+        return ValueError(
+            f"{self._where()} (layout={self.layout!r}): the variable at {at} {found}, so the "
+            f"variables were created with {made}. Create them with this model's init, or give "
+            f"the wrapper the layout they were created with."
+        )
+
+    def _check_not_arrays(self, raw: Any) -> None:
+        """In the nodes layout, refuses variables created with layout='arrays'."""
+        if _nodes(raw):
+            return
+        groups = _groups(raw)
+        if groups:
+            at = "/".join(map(str, next(iter(groups))))
+            raise self._layout_error(
+                repr(at),
+                f"is a dict of plain arrays {sorted(groups[next(iter(groups))])}",
+                "layout='arrays'",
+            )
+
+    def _rebuild(self, raw: Any) -> Any:
+        """The arrays layout's collection with each stored group as a node again.
+
+        The chain of each tensor comes from the rules, selected as registration selects them
+        (paths relative to the wrapped module; a predicate sees a ``jax.ShapeDtypeStruct`` of
+        the stored original, the value itself not being stored).
+        """
+        groups = _groups(raw)
+
+        # Each group as one leaf, where registration saw the tensor.
+        skeleton = jax.tree_util.tree_map(
+            lambda x: _spec(x) if _is_group(x) else x, raw, is_leaf=_group_or_leaf
+        )
+        leaves = paths.leaves_with_paths(skeleton)
+        chains: dict[tuple[Any, ...], list[Any]] = {}
+        for where, p in normalize_rules(self.rules):
+            try:
+                hits = paths.select(skeleton, where)
+            except ValueError as e:
+                raise ValueError(
+                    f"{self._where()} (paths are relative to it; layout='arrays'): {e}"
+                ) from None
+            for i in hits:
+                path, leaf = leaves[i]
+                keys = paths.path_keys(path)
+                if keys in groups:
+                    chains.setdefault(keys, []).append(p)
+                elif is_node(leaf):
+                    raise self._layout_error(
+                        paths.format_path(path),
+                        "is a paramx.Parametrized node",
+                        "layout='nodes' (the default)",
+                    )
+                else:
+                    raise ValueError(
+                        f"{self._where()} (layout='arrays'): the rule on "
+                        f"{paths.describe_where(where)} selects {paths.format_path(path)}, which "
+                        f"holds a plain array, not the originals of a parametrized tensor "
+                        f"({{'original': ...}}). The variables were not created by this model's "
+                        f"init (the unwrapped model's, or an export): create them with it."
+                    )
+        nodes = {keys: self._node(keys, groups[keys], chain) for keys, chain in chains.items()}
+
+        def put(path: Any, x: Any) -> Any:
+            return nodes.get(paths.path_keys(path), x) if _is_group(x) else x
+
+        return jax.tree_util.tree_map_with_path(put, raw, is_leaf=_group_or_leaf)
+
+    def _node(self, keys: tuple[Any, ...], group: Mapping[str, Any], chain: list[Any]) -> Any:
+        """One node from its stored dict, checked against what registration stores."""
+        at = "/".join(map(str, keys))
+        multi = "original" not in group
+        n = sum(1 for k in group if isinstance(k, str) and _ORIGINAL.fullmatch(k))
+        names = ("original",) if not multi else tuple(f"original{i}" for i in range(n))
+        links = {str(i) for i in range(len(chain))}
+        params = group.get(_PARAMS_KEY, {})
+        extra = sorted(set(group) - set(names) - {_PARAMS_KEY}, key=str)
+        missing = [k for k in names if k not in group]
+        bad_params = (
+            sorted(set(params) - links, key=str) if isinstance(params, Mapping) else [params]
+        )
+        if extra or missing or bad_params:
+            raise ValueError(
+                f"{self._where()} (layout='arrays'): the stored tensor at {at!r} has keys "
+                f"{sorted(group, key=str)}"
+                f"{f' (params for links {sorted(params, key=str)})' if params else ''}, but "
+                f"registering its chain ({len(chain)} link(s)) stores {list(names)}, plus "
+                f"'params' keyed by the position of each link with learnable arrays (one of "
+                f"{sorted(links)}). The variables were created with other rules or another "
+                f"layout; create them with this model's init."
+            )
+        boxed = [paths.unbox(group[k]) for k in names]
+        box = next((b for b, _ in boxed if b is not None), None)
+        originals = tuple(a for _, a in boxed)
+        event_ndims = tuple(a.ndim - self.batch_axes for a in originals)
+        node = Parametrized(
+            originals,
+            tuple(chain),
+            dict(params),
+            multi=multi,
+            unsafe=self.unsafe,
+            event_ndims=event_ndims,
+        )
+        return paths.rebox(box, node)
 
     def _register(self, plain: Any, key: jax.Array) -> Any:
         tree = plain
@@ -330,18 +542,24 @@ class Parametrize(nn.Module):
         # the variables and reads them as `apply` does.
         registering = self.is_initializing() and not self._holds_nodes()
         memo = self._memo
+        arrays = self.layout == "arrays"
         seen: dict[str, Any] = {}
 
         def view(cols: dict) -> dict:
             raw = cols.get(col, {})
             state = cols.get(scol, {})
             seen["raw"] = raw
-            update = self._should_update(flag, raw)
             leaves = tuple(jax.tree_util.tree_leaves(raw))
+            if arrays:
+                registered = self._rebuild(raw)
+            else:
+                self._check_not_arrays(raw)
+                registered = raw
+            update = self._should_update(flag, registered)
             plain = memo.get(leaves, update)
             if plain is not None:
                 return {**cols, col: plain, scol: state}
-            tree = merge_state(raw, state)
+            tree = merge_state(registered, state)
             try:
                 if update:
                     plain, new_state = materialize(tree, update_state=True)
@@ -369,9 +587,10 @@ class Parametrize(nn.Module):
                     # Drawn after the wrapped module's initializers ran: their draws are the
                     # ones the unwrapped module would make.
                     tree = self._register(out[col], self.make_rng("params"))
-                    out[col], registered = split_state(tree)
-                    if registered:
-                        out[scol] = registered
+                    registered, new_state = split_state(tree)
+                    out[col] = _as_arrays(registered, out[col]) if arrays else registered
+                    if new_state:
+                        out[scol] = new_state
             return out
 
         mapped = nn.map_variables(fn, (col, scol), view, unview, init=registering, mutable=True)

@@ -1,4 +1,13 @@
 """The parametrizations: one file per family, and their matrix numerics.
 
-Imports the core only.
+Imports the core only. :data:`BUILTINS` lists the built-in parametrization classes, which
+``paramx`` exports; ``paramx.nnx`` builds a torch-named function for each that declares one
+(``torch_function``).
 """
+
+from paramx._src.parametrizations.orthogonal import Orthogonal
+from paramx._src.parametrizations.spectral_norm import SpectralNorm
+from paramx._src.parametrizations.weight_norm import WeightNorm
+
+BUILTINS: tuple[type, ...] = (Orthogonal, SpectralNorm, WeightNorm)
+"""The built-in parametrization classes."""

@@ -195,6 +195,48 @@ class Orthogonal:
     use_trivialization: bool = True
     name: str = "orthogonal"
 
+    # ----- paramx.nnx: its torch-named function (paramx._src.integrations.nnx.wrappers) ---
+    # The function's name, the options after (module, name) in torch's order, the
+    # keyword-only ones, whether it takes a PRNG key, and its docstring (`nnx_doc`).
+    # `traceable`: forward, right_inverse, init and update_state can be traced (jax.jit),
+    # so paramx.nnx runs them as one compiled program.
+    torch_function = "orthogonal"
+    torch_function_positional = ("orthogonal_map",)
+    torch_function_keyword = ("use_trivialization",)
+    torch_function_takes_key = False
+    traceable = True
+    nnx_doc = """Makes ``module.<name>`` orthogonal, in place; torch's ``orthogonal``.
+
+    Registers :class:`paramx.Orthogonal` with the shape and dtype checks on (torch skips
+    them), so assigning a value of another shape or dtype raises. Right after
+    registration the kernel reads as the Q factor of its value; with the default
+    trivialization the original is -I and the orthogonal ``base`` is
+    :class:`ParametrizationState`, set only at registration and on assignment. On a Flax
+    kernel (in, out) it computes the transpose of torch's result on the (out, in) weight;
+    a conv kernel gets one orthogonal (in, out) matrix per spatial tap.
+
+    Args:
+      module: The module (``nnx.Linear``, ``nnx.Conv``, ...).
+      name: The attribute to constrain.
+      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"`` or ``None`` (torch's
+        rule: ``matrix_exp`` if square or complex, else ``householder``).
+      use_trivialization: Keep an orthogonal base as state (default True).
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``): one
+        orthogonal matrix per layer.
+
+    Returns:
+      ``module``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> import paramx.nnx as pnx
+      >>> layer = pnx.orthogonal(nnx.Linear(3, 5, rngs=nnx.Rngs(0)))
+      >>> k = layer.kernel
+      >>> bool(jnp.allclose(k @ k.T, jnp.eye(3), atol=1e-5))
+      True
+    """
+
     def __post_init__(self) -> None:
         m = self.orthogonal_map
         if m is not None and (not isinstance(m, str) or m not in _MAPS):
@@ -329,6 +371,26 @@ class Orthogonal:
         if flip:
             a = _mT(a)
         return a.astype(dtype)
+
+    # ----- torch interop: the protocol of paramx._src.integrations.torch ------------------
+    def torch_arrays(self, link: Any) -> list[Any]:
+        """torch's ``<i>.base``, copied as is (it lives in the tall orientation in both); the
+        original takes the weight's layout (the generic rule). Only a Dense kernel has a
+        torch equivalent: paramx's orthogonal on K computes torch's on Kᵀ, transposed."""
+        if link.layout.name != "dense":
+            raise ValueError(
+                f"The tensor at {link.path} is orthogonal in paramx, in {link.layout.rule()}. "
+                f"Only the 'dense' layout has a torch equivalent: paramx's orthogonal on a Flax "
+                f"kernel K computes torch's orthogonal on Kᵀ, transposed (for conv kernels, "
+                f"torch orthogonalizes the trailing spatial matrices of (out, in, *k) and paramx "
+                f"the (in, out) matrix of each tap). Store the matrix as a Dense kernel, or pass "
+                f"layouts={{{link.module!r}: 'dense'}} if it is one."
+            )
+        if not self.use_trivialization:
+            return []
+        link.require_state("the orthogonal base")
+        rule = "the base is the same in both (it lives in the tall orientation)"
+        return [link.array("base", ("state", "base"), rule=rule)]
 
 
 def orthogonal(

@@ -103,6 +103,48 @@ class SpectralNorm:
     axis_name: Any = None
     name: str = "spectral_norm"
 
+    # ----- paramx.nnx: its torch-named function (paramx._src.integrations.nnx.wrappers) ---
+    # The function's name, the options after (module, name) in torch's order, the
+    # keyword-only ones, whether it takes a PRNG key, and its docstring (`nnx_doc`).
+    # `traceable`: forward, right_inverse, init and update_state can be traced (jax.jit),
+    # so paramx.nnx runs them as one compiled program.
+    torch_function = "spectral_norm"
+    torch_function_positional = ("n_power_iterations", "eps", "dim")
+    torch_function_keyword = ("axis_name",)
+    torch_function_takes_key = True
+    traceable = True
+    nnx_doc = """Divides ``module.<name>`` by its spectral norm, in place; torch's
+    ``spectral_norm``.
+
+    Registers :class:`paramx.SpectralNorm`. ``u`` and ``v`` are
+    :class:`ParametrizationState`: 15 power iterations at registration, then
+    ``n_power_iterations`` on each read while the module is in training mode
+    (``use_running_average=False``, the default; ``module.eval()`` freezes them). The raw
+    kernel is never overwritten, unlike ``nnx.SpectralNorm`` (flax#5576).
+
+    Args:
+      module: The module.
+      name: The attribute to normalize.
+      n_power_iterations: Power iterations per read in training mode.
+      eps: Floor of the norms.
+      dim: Axis of output features; ``None`` is the last axis (Flax's layout).
+      axis_name: Average u and v over this named axis after each update.
+      key: PRNG key for the initial u and v.
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``): each
+        layer is normalized by its own spectral norm, with its own u and v.
+
+    Returns:
+      ``module``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> import paramx.nnx as pnx
+      >>> layer = pnx.spectral_norm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+      >>> round(float(jnp.linalg.norm(layer.kernel, 2)), 4)
+      1.0
+    """
+
     def __post_init__(self) -> None:
         n = numerics.option_int(_OWNER, "n_power_iterations", self.n_power_iterations)
         if n <= 0:
@@ -208,6 +250,43 @@ class SpectralNorm:
                     f"shape {tuple(value.shape)}. Assign a value of the tensor's own shape."
                 )
         return value, state
+
+    # ----- torch interop: the protocol of paramx._src.integrations.torch ------------------
+    def torch_arrays(self, link: Any) -> list[Any]:
+        """u and v as torch's ``<i>._u`` / ``<i>._v``. paramx's ``dim`` axis of the Flax array
+        is torch's ``dim`` axis of its array, so u is the same vector; v is the same up to the
+        order of the flattened axes (a conv kernel: torch flattens (in, *k), paramx (*k, in)),
+        which ``link.layout.matrix_indices`` gives. A 1-D tensor has no state."""
+        if len(link.shape) == 1:
+            return []
+        state = link.require_state("u and v")
+        axis = self._axis(len(link.shape))
+        u_idx, v_idx = link.layout.matrix_indices(link.shape, axis)
+        rule = (
+            f"paramx's spectral_norm dim={self.dim} on the Flax array {tuple(link.shape)} is "
+            f"torch's dim={link.layout.perm[axis]} on the torch array "
+            f"{link.layout.torch_shape(link.shape)} ({link.layout.rule()})"
+        )
+        out = []
+        for name, idx in (("u", u_idx), ("v", v_idx)):
+            if tuple(state[name].shape) != idx.shape:
+                raise ValueError(
+                    f"The spectral_norm state {name} at {link.path} has shape "
+                    f"{tuple(state[name].shape)}, expected {idx.shape} for the tensor's "
+                    f"{tuple(link.shape)}; a chain that changes the shape before spectral_norm "
+                    f"is not supported by torch interop."
+                )
+            inv = idx.argsort()
+            out.append(
+                link.array(
+                    "_" + name,
+                    ("state", name),
+                    to_flax=lambda x, idx=idx: x[idx],
+                    to_torch=lambda y, inv=inv: y[inv],
+                    rule=rule,
+                )
+            )
+        return out
 
 
 def spectral_norm(

@@ -47,6 +47,45 @@ class WeightNorm:
     dim: int | None = -1
     name: str = "weight_norm"
 
+    # ----- paramx.nnx: its torch-named function (paramx._src.integrations.nnx.wrappers) ---
+    # The function's name, the options after (module, name) in torch's order, the
+    # keyword-only ones, whether it takes a PRNG key, and its docstring (`nnx_doc`).
+    # `traceable`: forward, right_inverse, init and update_state can be traced (jax.jit),
+    # so paramx.nnx runs them as one compiled program.
+    torch_function = "weight_norm"
+    torch_function_positional = ("dim",)
+    torch_function_keyword = ()
+    torch_function_takes_key = False
+    traceable = True
+    nnx_doc = """Splits ``module.<name>`` into a norm g and a direction v, in place; torch's
+    ``weight_norm``.
+
+    Registers :class:`paramx.WeightNorm`: ``original0`` is g (one norm per output feature,
+    shape (1, out) for a Dense kernel) and ``original1`` is v, both ``nnx.Param``, so the
+    optimizer trains g (``nnx.WeightNorm``'s scales never train, flax#5577). The module's
+    output is unchanged by registration.
+
+    Args:
+      module: The module.
+      name: The attribute to reparametrize.
+      dim: The axis of output features (default: the last); ``None`` for one norm over the
+        whole tensor. Counted without the ``batch_axes`` stack axes.
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``).
+
+    Returns:
+      ``module``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> import paramx.nnx as pnx
+      >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+      >>> kernel = layer.kernel[...]
+      >>> layer = pnx.weight_norm(layer)
+      >>> bool(jnp.allclose(layer.kernel, kernel))
+      True
+    """
+
     def __post_init__(self) -> None:
         dim = numerics.option_dim(_OWNER, self.dim, default="one norm over the whole tensor")
         object.__setattr__(self, "dim", dim)
@@ -87,6 +126,19 @@ class WeightNorm:
 
     def right_inverse(self, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.norm(w), w
+
+    # ----- torch interop: the protocol of paramx._src.integrations.torch ------------------
+    # torch.nn.utils.weight_norm's hook-based keys: `<module>.<name>_g`, `<module>.<name>_v`.
+    torch_legacy_suffixes = ("_g", "_v")
+
+    def torch_originals(self, link: Any) -> list[Any]:
+        """torch's ``original0`` (g) and ``original1`` (v), both in the weight's layout: g
+        keeps the weight's rank with ones on the normalized axes, so a Dense kernel's g
+        (1, out) is torch's (out, 1); ``dim=None``'s scalar g is copied as is."""
+        return [
+            link.array(name, ("original", i), like_weight=len(x.shape) == len(link.shape))
+            for i, (name, x) in enumerate(zip(link.original_names, link.originals))
+        ]
 
 
 def weight_norm(tree: Any, where: Any, dim: int | None = -1, *, batch_axes: int = 0) -> Any:

@@ -1,0 +1,158 @@
+"""NNX modules: a module (plain, or registered with ``paramx.nnx``) seen as a paramx tree.
+
+:func:`nnx_view` turns the module into a tree of arrays and ``Parametrized`` nodes (each
+``ParametrizationList`` of ``paramx.nnx`` gives its node), with torch's names for BatchNorm's
+statistics and ``nnx.Sequential``'s extra ``layers`` level; :func:`nnx_state` turns read
+values back into an ``nnx.State`` for ``nnx.update``. ``flax.nnx`` is used only when the
+caller already imported it (no NNX object exists otherwise).
+
+Examples:
+  >>> is_nnx({"kernel": 1.0})
+  False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from paramx._src.core import paths
+from paramx._src.core.node import is_node
+from paramx._src.integrations.torch.keys import PARAMETRIZATIONS
+from paramx._src.integrations.torch.plan import NNX_PARTS, Tensor
+
+
+def _nnx() -> Any:
+    """``flax.nnx`` when it is imported (no NNX object exists otherwise), else None."""
+    return sys.modules.get("flax.nnx")
+
+
+def is_nnx(x: Any) -> bool:
+    """Whether ``x`` is an NNX module, state, or a tree of ``nnx.Variable``."""
+    nnx = _nnx()
+    if nnx is None:
+        return False
+    if isinstance(x, (nnx.Module, nnx.State)):
+        return True
+    is_var = lambda v: isinstance(v, nnx.Variable)
+    return any(is_var(v) for v in jax.tree_util.tree_leaves(x, is_leaf=is_var))
+
+
+@dataclasses.dataclass
+class NNXView:
+    """An NNX module (or state) seen as a paramx tree, with the way back to its Variables."""
+
+    tree: dict[str, Any]
+    variables: dict[tuple[str, ...], tuple[tuple[Any, ...], Any]]  # str path -> (path, Var)
+    renames: dict[tuple[str, ...], str]
+    auto: list[tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def nnx_view(obj: Any, *, doing: str) -> NNXView:
+    """The tree the interop reads or writes for an NNX module or state."""
+    nnx = _nnx()
+    from paramx._src.integrations import nnx as pnx  # flax.nnx is imported already
+
+    skip = tuple(
+        c for c in (nnx.RngState, nnx.Intermediate, getattr(nnx, "Cache", None)) if c is not None
+    )
+    plists: dict[tuple[Any, ...], Any] = {}
+    sequentials: list[tuple[Any, ...]] = []
+    found: list[tuple[tuple[Any, ...], Any]] = []
+    if isinstance(obj, nnx.Module):
+        for path, node in nnx.iter_graph(obj):
+            if isinstance(node, pnx.ParametrizationList):
+                plists[tuple(path)] = node
+            elif isinstance(node, nnx.Sequential):
+                sequentials.append(tuple(path))
+            elif isinstance(node, nnx.Variable):
+                found.append((tuple(path), node))
+    else:
+        is_var = lambda v: isinstance(v, nnx.Variable)
+        for path, v in jax.tree_util.tree_flatten_with_path(obj, is_leaf=is_var)[0]:
+            keys = paths.path_keys(path)
+            if not is_var(v):
+                raise ValueError(
+                    f"The leaf at {paths.format_path(path)} of the {type(obj).__name__} is a "
+                    f"{type(v).__name__}, not an nnx.Variable; pass the NNX module itself."
+                )
+            if PARAMETRIZATIONS in keys[:-1]:
+                raise ValueError(
+                    f"{doing} needs the NNX module, not its state: the state at "
+                    f"{paths.format_path(path)} belongs to a tensor registered with paramx.nnx, "
+                    f"and which parametrizations produced it (spectral_norm's u and v, an "
+                    f"orthogonal base, their layouts) lives in the module's graph, not in the "
+                    f"nnx.State. Pass the module (or nnx.merge(graphdef, state))."
+                )
+            found.append((tuple(keys), v))
+
+    def inside_plist(path: tuple[Any, ...]) -> bool:
+        return any(path[: len(q)] == q for q in plists)
+
+    def as_str(path: Sequence[Any]) -> tuple[str, ...]:
+        return tuple(str(k) for k in path)
+
+    tree: dict[str, Any] = {}
+    variables: dict[tuple[str, ...], tuple[tuple[Any, ...], Any]] = {}
+    renames: dict[tuple[str, ...], str] = {}
+    for path, var in found:
+        variables[as_str(path)] = (path, var)
+        if isinstance(var, skip) or inside_plist(path) or not hasattr(var.get_value(), "shape"):
+            continue
+        keys = as_str(path)
+        _nest(tree, keys, var.get_value())
+        if isinstance(var, nnx.BatchStat) and keys[-1] in ("mean", "var"):
+            renames[keys] = "running_" + keys[-1]  # torch BatchNorm's buffers
+    for path, plist in plists.items():
+        if len(path) < 2 or path[-2] != PARAMETRIZATIONS:
+            raise ValueError(
+                f"A ParametrizationList at {'/'.join(as_str(path))} is not under a module's "
+                f"`parametrizations`; only modules registered with paramx.nnx are supported."
+            )
+        keys = as_str((*path[:-2], path[-1]))
+        _nest(tree, keys, plist.node())
+    auto = [(as_str(p), (*as_str(p), "layers")) for p in sequentials]
+    return NNXView(tree, variables, renames, auto)
+
+
+def _nest(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _plist_paths(view: NNXView) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Tree keys of each parametrized tensor -> the str path of its ParametrizationList."""
+    out = {}
+    for keys in view.variables:
+        for n in range(len(keys) - 2):
+            if keys[n] == PARAMETRIZATIONS and keys[n + 2].startswith(NNX_PARTS):
+                out[(*keys[:n], keys[n + 1])] = keys[: n + 2]
+    return out
+
+
+def nnx_state(view: NNXView, tensors: list[Tensor], new_leaves: Mapping[int, Any]) -> Any:
+    """The new values as an ``nnx.State`` of new Variables (for ``nnx.update``)."""
+    nnx = _nnx()
+    plist_paths = _plist_paths(view)
+    out: list[tuple[tuple[Any, ...], Any]] = []
+    for t in tensors:
+        new = new_leaves[t.index]
+        if not is_node(new):
+            path, var = view.variables[t.keys]
+            out.append((path, var.copy(new)))
+            continue
+        base = plist_paths[t.keys]
+        arrays = dict(zip(new._original_names(), new.originals))
+        for kind in ("params", "state"):
+            flat = jax.tree_util.tree_flatten_with_path(getattr(new, kind))[0]
+            for p, x in flat:
+                arrays[".".join((kind, *(str(k) for k in paths.path_keys(p))))] = x
+        for rel, x in arrays.items():
+            path, var = view.variables[(*base, *rel.split("."))]
+            out.append((path, var.copy(x)))
+    return nnx.from_flat_state(out)
