@@ -62,6 +62,8 @@ from paramx._src.parametrizations.orthogonal import Orthogonal as Orthogonal
 from paramx._src.parametrizations.orthogonal import orthogonal as orthogonal
 from paramx._src.parametrizations.spectral_norm import SpectralNorm as SpectralNorm
 from paramx._src.parametrizations.spectral_norm import spectral_norm as spectral_norm
+from paramx._src.parametrizations.symmetric import Symmetric as Symmetric
+from paramx._src.parametrizations.symmetric import symmetric as symmetric
 from paramx._src.parametrizations.weight_norm import WeightNorm as WeightNorm
 from paramx._src.parametrizations.weight_norm import weight_norm as weight_norm
 
@@ -72,6 +74,7 @@ __all__ = [
     "Parametrization",
     "Parametrized",
     "SpectralNorm",
+    "Symmetric",
     "WeightNorm",
     "assign",
     "get_parametrized",
@@ -89,6 +92,7 @@ __all__ = [
     "spectral_norm",
     "split_state",
     "summary",
+    "symmetric",
     "transfer_parametrizations_and_params",
     "weight_norm",
 ]

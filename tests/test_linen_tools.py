@@ -377,29 +377,197 @@ def test_tabulate_with_a_partitioned_parametrized_kernel():
     assert "chain: spectral_norm" in table
 
 
-# --- item 10: the NNX bridge ----------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "nnx.bridge merges all collections into one namespace per module, so the state at "
-        "'paramx_state/kernel/0/u' collides with the parameter 'params/kernel' (Flax linen "
-        "itself forbids a name used in two collections); and nnx.Optimizer cannot hold an "
-        "nnx.Param whose value is a Parametrized node. Needs a state layout under distinct "
-        "names in the core (see the linen helper's report)."
-    ),
-)
+# --- item 10: the NNX bridge (layout="arrays") ---------------------------------------------------
+def _spectral_norm_of(model):
+    """The largest singular value of the kernel a bridged Dense layer computes (evaluation)."""
+    w = model(jnp.eye(4, dtype=F32)) - model(jnp.zeros((1, 4), F32))
+    return float(_sigmas(w))
+
+
 def test_nnx_bridge_lazy_init_apply_and_a_training_step():
     from flax import nnx
 
-    model = nnx.bridge.ToNNX(_sn_layer(), rngs=nnx.Rngs(0))
+    model = nnx.bridge.ToNNX(_sn_layer(layout="arrays"), rngs=nnx.Rngs(0))
     model.lazy_init(X)
+    # Plain arrays only: the parameter and the state sit at distinct names.
+    assert set(model.kernel) == {"original", "0"}
+    assert isinstance(model.kernel["original"], nnx.Param)
     assert model(X).shape == (3, 4)
+    assert abs(_spectral_norm_of(model) - 1.0) < 5e-3
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(X) ** 2))(model)
-        opt.update(model, grads)
-        return loss
+        def loss(m):
+            y = m(X, use_running_average=False, mutable=["paramx_state"])
+            return jnp.mean((y - 1.0) ** 2)
 
-    assert float(step(model, opt)) > float(step(model, opt))
+        value, grads = nnx.value_and_grad(loss)(model)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction
+            opt.update(model, grads)
+        return value
+
+    u0 = model.kernel["0"]["u"].get_value()
+    first, second = float(step(model, opt)), float(step(model, opt))
+    assert second < first
+    assert not np.allclose(model.kernel["0"]["u"].get_value(), u0)  # the state was trained
+    assert abs(_spectral_norm_of(model) - 1.0) < 2e-2
+    # Evaluation (the default: the state collection is immutable) leaves the state alone.
+    u1 = model.kernel["0"]["u"].get_value()
+    model(X)
+    assert np.array_equal(model.kernel["0"]["u"].get_value(), u1)
+
+
+_KINDS = {
+    "spectral_norm": px.SpectralNorm,
+    "orthogonal": px.Orthogonal,
+    "weight_norm": px.WeightNorm,
+}
+
+
+def _trees_close(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: assert_close(x, y), a, b)
+
+
+def _as_nodes_layout(arrays_params, nodes_params):
+    """The nodes layout's tree with the originals of an arrays layout's tree."""
+
+    def put(node, stored):
+        return node.replace(
+            originals=tuple(stored[n] for n in node.original_names),
+            params=stored.get("params", {}),
+        )
+
+    return jax.tree.map(
+        lambda x, y: put(x, y) if isinstance(x, px.Parametrized) else y,
+        nodes_params,
+        arrays_params,
+        is_leaf=lambda x: isinstance(x, px.Parametrized),
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_arrays_layout_computes_what_the_nodes_layout_computes(kind):
+    rules = {"kernel": _KINDS[kind]()}
+    nodes = px.linen.Parametrize(nn.Dense(4), rules)
+    arrays = px.linen.Parametrize(nn.Dense(4), rules, layout="arrays")
+    y_n, v_n = nodes.init_with_output(jax.random.key(0), X)
+    y_a, v_a = arrays.init_with_output(jax.random.key(0), X)
+    assert_close(y_a, y_n)
+    kernel = v_a["params"]["kernel"]
+    names = ["original0", "original1"] if kind == "weight_norm" else ["original"]
+    assert sorted(kernel) == names
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(v_a["params"]))
+    assert [n for n in v_n["params"]["kernel"].original_names] == names
+    for name, x in zip(names, v_n["params"]["kernel"].originals):
+        assert_close(kernel[name], x)
+    _trees_close(v_a.get("paramx_state", {}), v_n.get("paramx_state", {}))
+    # Move the kernel so that a training step visibly changes the state.
+    new = {"kernel": {n: x + 0.1 * jnp.ones_like(x) for n, x in kernel.items()}}
+    v_a = {**v_a, "params": {**v_a["params"], **new}}
+    v_n = {**v_n, "params": _as_nodes_layout(v_a["params"], v_n["params"])}
+    assert_close(arrays.apply(v_a, X), nodes.apply(v_n, X))
+    train = {"use_running_average": False, "mutable": ["paramx_state"]}
+    (y_a, upd_a), (y_n, upd_n) = arrays.apply(v_a, X, **train), nodes.apply(v_n, X, **train)
+    assert_close(y_a, y_n)
+    _trees_close(upd_a, upd_n)
+    if kind == "spectral_norm":
+        assert not np.allclose(_u(upd_a), _u(v_a), atol=1e-4)
+
+
+class LayoutBlock(nn.Module):
+    layout: str
+
+    @nn.compact
+    def __call__(self, h, _):
+        rules = {"kernel": px.SpectralNorm()}
+        return jnp.tanh(px.linen.Parametrize(nn.Dense(4), rules, layout=self.layout)(h)), None
+
+
+class ScannedInside(nn.Module):
+    """Parametrize inside the scanned body: each layer registers on its own."""
+
+    layout: str
+
+    @nn.compact
+    def __call__(self, x, use_running_average=True):
+        stack = nn.scan(
+            LayoutBlock,
+            variable_axes={"params": 0, "paramx_state": 0},
+            split_rngs={"params": True},
+            length=N_LAYERS,
+        )(self.layout)
+        return stack(x, None)[0]
+
+
+class ScannedOutside(nn.Module):
+    """Parametrize around the scan over layers, with batch_axes=1."""
+
+    layout: str
+
+    @nn.compact
+    def __call__(self, x, use_running_average=True):
+        stack = nn.scan(
+            PlainBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=N_LAYERS
+        )
+        rules = {"Dense_0/kernel": px.SpectralNorm()}
+        layers = px.linen.Parametrize(stack(), rules, batch_axes=1, layout=self.layout)
+        return layers(x, None, use_running_average=use_running_average)[0]
+
+
+@pytest.mark.parametrize("model", [ScannedInside, ScannedOutside])
+def test_arrays_layout_in_layer_stacks(model):
+    y_n, v_n = jax.jit(model("nodes").init_with_output)(jax.random.key(0), X)
+    y_a, v_a = jax.jit(model("arrays").init_with_output)(jax.random.key(0), X)
+    assert_close(y_a, y_n)
+    _trees_close(v_a["paramx_state"], v_n["paramx_state"])
+    (kernel,) = [
+        x for p, x in jax.tree_util.tree_leaves_with_path(v_a["params"]) if "original" in str(p)
+    ]
+    assert kernel.shape == (N_LAYERS, 4, 4)
+    assert_close(model("arrays").apply(v_a, X), model("nodes").apply(v_n, X))
+    if model is ScannedOutside:  # a training step: one power iteration per layer
+        train = {"use_running_average": False, "mutable": ["paramx_state"]}
+        (y_a, upd_a), (y_n, upd_n) = (
+            model("arrays").apply(v_a, X, **train),
+            model("nodes").apply(v_n, X, **train),
+        )
+        assert_close(y_a, y_n)
+        _trees_close(upd_a, upd_n)
+
+
+def test_a_wrong_layout_value_raises():
+    with pytest.raises(ValueError, match=r"`layout` must be 'nodes' .* or 'arrays'.*'array'"):
+        _sn_layer(layout="array").init(jax.random.key(0), X)
+
+
+def test_variables_made_with_the_other_layout_raise_a_clear_error():
+    v_nodes = _sn_layer().init(jax.random.key(0), X)
+    v_arrays = _sn_layer(layout="arrays").init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"kernel.*created with layout='arrays'"):
+        _sn_layer().apply(v_arrays, X)
+    with pytest.raises(ValueError, match=r"kernel.*created with layout='nodes'"):
+        _sn_layer(layout="arrays").apply(v_nodes, X)
+    # A stored tensor with keys registration does not make, and a plain (unregistered) kernel.
+    odd = {**v_arrays["params"], "kernel": {**v_arrays["params"]["kernel"], "scale": X[0]}}
+    with pytest.raises(ValueError, match=r"at 'kernel' has keys \['original', 'scale'\]"):
+        _sn_layer(layout="arrays").apply({**v_arrays, "params": odd}, X)
+    plain = {**v_arrays["params"], "kernel": v_arrays["params"]["kernel"]["original"]}
+    with pytest.raises(ValueError, match="holds a plain array"):
+        _sn_layer(layout="arrays").apply({**v_arrays, "params": plain}, X)
+
+
+def test_arrays_layout_with_a_predicate_a_chain_and_a_partitioned_kernel():
+    init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+    is_kernel = lambda path, leaf: px.path_keys(path)[-1] == "kernel"
+    rules = [(is_kernel, px.SpectralNorm()), ("kernel", jnp.tanh)]
+    nodes = px.linen.Parametrize(nn.Dense(4, kernel_init=init), rules)
+    arrays = nodes.clone(layout="arrays")
+    v_n, v_a = nodes.init(jax.random.key(0), X), arrays.init(jax.random.key(0), X)
+    box = v_a["params"]["kernel"]["original"]
+    assert isinstance(box, nn.Partitioned) and box.names == (None, "model")
+    assert nn.get_partition_spec(v_a)["params"]["kernel"]["original"] == jax.sharding.PartitionSpec(
+        None, "model"
+    )
+    assert_close(arrays.apply(v_a, X), nodes.apply(v_n, X))

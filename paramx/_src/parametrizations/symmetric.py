@@ -1,0 +1,130 @@
+"""`symmetric`: a square matrix constrained to equal its transpose.
+
+The original is a square matrix (or a stack of them along leading axes, e.g. one per spatial
+tap of a conv kernel whose last two axes are square); ``forward`` reads its lower triangle
+and mirrors it, so only that triangle is learned and the other gets no gradient.
+``right_inverse`` maps any square value to the lower triangle of its symmetric part
+``(A + Aᵀ)/2``: a symmetric value comes back exactly, and any other value is replaced by the
+nearest symmetric matrix in the Frobenius norm (at registration and on assignment), as
+``orthogonal`` replaces a value by the Q factor of its QR decomposition. Complex matrices are
+made symmetric (``A = Aᵀ``), not Hermitian.
+
+Layout. The lower triangle of a Flax kernel (in, out) is the upper triangle of torch's weight
+(out, in), the triangle torch's usual ``Symmetric`` (``X.triu() + X.triu(1).mT``) reads; so
+the original, written to a torch ``state_dict`` in the weight's layout, is the original that
+parametrization expects, and the value is the same matrix in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from paramx._src.parametrizations import numerics
+
+_OWNER = "Symmetric"
+
+
+def _check_square(x: jax.Array) -> None:
+    numerics.check_dtype(x, _OWNER)
+    if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(
+            f"{_OWNER} needs a square matrix in the last two axes (or a stack of them); got "
+            f"shape {list(x.shape)}. Register it on a square kernel, e.g. a Dense(n) kernel on "
+            f"n features."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Symmetric:
+    """The symmetric-matrix parametrization; register it with :func:`paramx.symmetric`.
+
+    Attributes:
+      name: The display name.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> tree = px.register_parametrization(
+      ...     {"kernel": jnp.array([[1.0, 0.0], [2.0, 3.0]])}, "kernel", px.Symmetric())
+      >>> px.materialize(tree)["kernel"]
+      Array([[1., 1.],
+             [1., 3.]], dtype=float32)
+    """
+
+    name: str = "symmetric"
+
+    def __post_init__(self) -> None:
+        numerics.option_name(_OWNER, self.name)
+
+    def forward(self, x: jax.Array) -> jax.Array:
+        _check_square(x)
+        return jnp.tril(x) + jnp.swapaxes(jnp.tril(x, -1), -1, -2)
+
+    def right_inverse(self, value: jax.Array) -> jax.Array:
+        _check_square(value)
+        half = jnp.asarray(0.5, value.dtype)
+        return jnp.tril((value + jnp.swapaxes(value, -1, -2)) * half)
+
+    # ----- paramx.nnx: its function (paramx._src.integrations.nnx.wrappers) ---------------
+    torch_function = "symmetric"
+    torch_function_positional = ()
+    torch_function_keyword = ()
+    torch_function_takes_key = False
+    traceable = True
+    nnx_doc = """Makes ``module.<name>`` a symmetric matrix, in place.
+
+    Registers :class:`paramx.Symmetric`: the original (an ``nnx.Param``) holds the lower
+    triangle, and the value is its mirror image. Registration and assignment replace a value
+    by its symmetric part ``(A + Aᵀ)/2``.
+
+    Args:
+      module: The module (``nnx.Linear(n, n)``, ...).
+      name: The attribute to constrain.
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``).
+
+    Returns:
+      ``module``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> import paramx.nnx as pnx
+      >>> layer = pnx.symmetric(nnx.Linear(3, 3, rngs=nnx.Rngs(0)))
+      >>> bool(jnp.allclose(layer.kernel, layer.kernel.T))
+      True
+    """
+
+
+def symmetric(tree: Any, where: Any, *, batch_axes: int = 0) -> Any:
+    """Registers :class:`paramx.Symmetric`: the selected square matrices become symmetric.
+
+    Args:
+      tree: The tree to register on.
+      where: A path, a tuple of keys, or a predicate over key paths.
+      batch_axes: How many leading axes index a stack of independent tensors (an
+        ``nn.scan`` / ``nn.vmap`` stack). See :func:`paramx.register_parametrization`.
+
+    Returns:
+      The new tree.
+
+    Raises:
+      ValueError: If a selected tensor is not square in its last two axes.
+      TypeError: If it is an integer or boolean tensor.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> kernel = jax.random.normal(jax.random.key(0), (3, 3))
+      >>> tree = px.symmetric({"kernel": kernel}, "kernel")
+      >>> k = px.materialize(tree)["kernel"]
+      >>> bool(jnp.array_equal(k, k.T)), bool(jnp.allclose(k, (kernel + kernel.T) / 2))
+      (True, True)
+    """
+    from paramx._src.core.register import register_parametrization
+
+    return register_parametrization(tree, where, Symmetric(), batch_axes=batch_axes)
