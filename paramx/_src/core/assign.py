@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from paramx._src.core import chain as ch
+from paramx._src.core import checks, paths, sharding
 from paramx._src.core import parametrization as pz
-from paramx._src.core import paths
 from paramx._src.core.node import Parametrized, is_node
 
 
@@ -49,8 +49,8 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
       Array([2., 3.], dtype=float32)
     """
     paths.check_where(where)
-    if not ch.is_array(value):
-        raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")
+    if not checks.is_array(value):
+        raise ValueError(f"Can only assign an array; got {checks.type_name(value)}.")
     value = jnp.asarray(value)
     replacements = {}
     for i, where_s, node in paths.select_parametrized(
@@ -86,18 +86,18 @@ def assign_tensor(node: Parametrized, value: Any, *, label: str = "<tensor>") ->
     """
     if not is_node(node):
         raise ValueError(
-            f"{label} is not parametrized (it is a {ch.type_name(node)}): there is no "
+            f"{label} is not parametrized (it is a {checks.type_name(node)}): there is no "
             f"right_inverse to run. Register a parametrization first, or replace the array."
         )
-    if not ch.is_array(value):
-        raise ValueError(f"Can only assign an array; got {ch.type_name(value)}.")
+    if not checks.is_array(value):
+        raise ValueError(f"Can only assign an array; got {checks.type_name(value)}.")
     return _assign_node(node, jnp.asarray(value), label)
 
 
 def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
-    with ch.at_path(where_s):
+    with checks.at_path(where_s):
         work = functools.partial(_assign_one, where_s=where_s)
-        out: Parametrized = ch.run_auto(work, node, value)
+        out: Parametrized = sharding.run_auto(work, node, value)
     return out
 
 
@@ -119,18 +119,18 @@ def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
                     f"a value cannot be assigned to {where_s}. Give it a `right_inverse`, or "
                     f"remove the parametrizations and register them again on the new value."
                 ) from None
-        return ch.check_assigned(x, node, where=where_s), state
+        return checks.check_assigned(x, node, where=where_s), state
 
     if n_stack and tuple(value.shape[:n_stack]) != node.batch_shape:
         raise ValueError(
             f"The tensor at {where_s} is a stack of shape {list(node.batch_shape)}; the assigned "
-            f"value {ch.describe(value)} must carry the same leading axes."
+            f"value {checks.describe(value)} must carry the same leading axes."
         )
     try:
         originals, state = ch.per_tensor(one, n_stack)(
             node.originals, node.params, node.state, value
         )
-    except ch.NEEDS_CONCRETE:
+    except checks.NEEDS_CONCRETE:
         if not n_stack:
             raise
         raise ValueError(
@@ -145,8 +145,8 @@ def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
                 raise ValueError(
                     f"Assigning a value may not change the shape of `{name}` unless the tensor "
                     f"was registered with `unsafe=True`. At {where_s}: `{name}` is "
-                    f"{ch.describe(old)}, the assigned value {ch.describe(value)} gives "
-                    f"{ch.describe(new)}. Pass a value of the tensor's shape."
+                    f"{checks.describe(old)}, the assigned value {checks.describe(value)} gives "
+                    f"{checks.describe(new)}. Pass a value of the tensor's shape."
                 )
         _check_state(node.state, state, where_s)
     event_ndims = tuple(x.ndim - n_stack for x in originals)

@@ -1,37 +1,17 @@
 """Materialization: the registered tree becomes the plain tree that `model.apply` reads.
 
-Sharding. JAX's own sharding is the distributed engine; paramx adds no collective of its own
-(except spectral norm's optional ``axis_name``). Two cases:
-
-* Explicit sharding (``jax.make_mesh``'s default axis types in this JAX): the sharding is part
-  of each array's type, also under ``jit``. A parametrized tensor whose arrays are sharded
-  along explicit mesh axes has its chain run in auto mode over those axes
-  (``jax.sharding.auto_axes``), where the compiler may lay out a QR or a matrix exponential as
-  it likes, and its value comes out with the sharding of its original of the same shape
-  (replicated if there is none); new state keeps the sharding of the old. The gradients of the
-  originals have the originals' shardings by type. Without this, elementwise ops between
-  differently sharded operands (``A - A^T`` in ``orthogonal``) fail to type-check.
-* Auto sharding (GSPMD, the default of ``jax.sharding.Mesh``): under ``jit`` a tracer carries
-  no sharding, and XLA's propagation does not keep the originals' shardings through QR- or
-  exponential-based maps (they come out replicated or sharded otherwise). Pass
-  ``shardings=`` (the shardings of the tree you pass, e.g.
-  ``jax.tree.map(lambda x: x.sharding, params)`` taken outside ``jit``) and paramx constrains
-  each value to its original's sharding and each original to its own, which also makes the
-  gradients come back sharded like the originals. :func:`cached` does this by itself for trees
-  whose arrays span several devices.
+Sharding (keeping each value on its original's devices) lives in ``sharding.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec, Sharding
 
-from paramx._src.core import chain as ch
+from paramx._src.core import checks, paths, sharding
 from paramx._src.core import parametrization as pz
-from paramx._src.core import paths
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.state import merge_state, sparse_state
 
@@ -81,7 +61,7 @@ def materialize(
       >>> plain["params"]["w"].sharding == tree["params"]["w"].original.sharding
       True
     """
-    targets = None if shardings is None else _sharding_targets(tree, shardings)
+    targets = None if shardings is None else sharding.targets(tree, shardings)
     if state is not None:
         tree = merge_state(tree, state)
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
@@ -94,14 +74,14 @@ def materialize(
         if is_node(leaf):
             where = paths.format_path(path)
             try:
-                value, new = _node_value(leaf, target, update_state, where)
+                value, new = sharding.node_value(leaf, target, update_state, where)
             except (ValueError, TypeError) as e:
                 if state is None:
                     raise
                 _explain_state(leaf, where, e)
                 raise
         else:
-            value, new = _constrain(leaf, target), None
+            value, new = sharding.constrain(leaf, target), None
         values.append(value)
         if new is not None:
             states.append(new)
@@ -144,101 +124,6 @@ def _explain_state(node: Parametrized, where: str, error: Exception) -> None:
             f"returned for this tree (a state from another model or another registration does "
             f"not fit). ({type(error).__name__}: {error})"
         ) from error
-
-
-# ----- sharding --------------------------------------------------------------------------------
-
-
-def _sharding_targets(tree: Any, shardings: Any) -> list[Any]:
-    """``shardings`` cut at ``tree``'s leaves, a parametrized tensor counting as one leaf."""
-    treedef: Any = jax.tree_util.tree_structure(tree, is_leaf=is_node)
-    try:
-        return cast(list[Any], treedef.flatten_up_to(shardings))
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "`shardings` does not match the tree: give the shardings of the tree you pass "
-            "(`jax.tree.map(lambda x: x.sharding, tree)`, taken outside jit), with one sharding "
-            f"or None per plain leaf and per parametrized tensor or its node. ({e})"
-        ) from None
-
-
-def _constrain(x: Any, s: Any) -> Any:
-    if s is None or not ch.is_array(x) or isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    if not isinstance(s, (Sharding, PartitionSpec)):
-        raise ValueError(
-            f"`shardings` holds a {ch.type_name(s)} where a jax.sharding.Sharding, a "
-            f"PartitionSpec or None is expected."
-        )
-    mesh = getattr(s, "mesh", None)
-    if mesh is not None and not mesh.empty and mesh.explicit_axes:
-        return jax.sharding.reshard(x, s)  # explicit axes: the sharding is part of the type
-    return jax.lax.with_sharding_constraint(x, s)
-
-
-def _constrain_tree(xs: Any, ss: Any) -> Any:
-    """Constrains each array of ``xs`` to the matching entry of ``ss`` (None: left alone)."""
-    try:
-        xs_def: Any = jax.tree_util.tree_structure(xs)
-        flat_s = xs_def.flatten_up_to(ss)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "`shardings` holds a node whose `params` or `state` do not match the tree's: take "
-            f"the shardings from the same registered tree. ({e})"
-        ) from None
-    flat_x, treedef = jax.tree_util.tree_flatten(xs)
-    return cast(Any, treedef).unflatten([_constrain(x, s) for x, s in zip(flat_x, flat_s)])
-
-
-def _value_target(target: Any, node: Parametrized, shape: tuple[int, ...]) -> Any:
-    """The sharding the value should have: the target itself, or its same-shape original's."""
-    if not isinstance(target, Parametrized):
-        return target
-    for x, s in zip(node.originals, target.originals):
-        if tuple(x.shape) == tuple(shape) and s is not None:
-            return s
-    return None
-
-
-def _same_shape_sharding(node: Parametrized, shape: tuple[int, ...]) -> Any:
-    for x in node.originals:
-        if tuple(x.shape) == tuple(shape):
-            return jax.typeof(x).sharding
-    return None
-
-
-def _node_value(node: Parametrized, target: Any, update_state: bool, where: str) -> tuple[Any, Any]:
-    if ch.explicit_axes(node)[1]:
-        return _node_value_explicit(node, target, update_state, where)
-    if isinstance(target, Parametrized):
-        node = node.replace(
-            originals=tuple(_constrain(x, s) for x, s in zip(node.originals, target.originals)),
-            params=_constrain_tree(node.params, target.params),
-        )
-    value, new = ch.node_value(node, update_state=update_state, where=where)
-    if update_state and isinstance(target, Parametrized) and target.state:
-        new = _constrain_tree(new, target.state)
-    return _constrain(value, _value_target(target, node, value.shape)), new
-
-
-def _node_value_explicit(
-    node: Parametrized, target: Any, update_state: bool, where: str
-) -> tuple[Any, Any]:
-    """The chain run in auto mode over the explicit axes in use (see ``chain.run_auto``): the
-    value gets its target's or its same-shape original's sharding, new state the old one's."""
-
-    def run(n: Parametrized) -> tuple[Any, Any]:
-        return ch.node_value(n, update_state=update_state, where=where)
-
-    def out_sharding(shapes: Any, replicated: Any) -> Any:
-        value_shape = shapes[0].shape
-        value_s = _value_target(target, node, value_shape)
-        if value_s is None:
-            value_s = _same_shape_sharding(node, value_shape) or replicated
-        state_s = jax.tree_util.tree_map(lambda x: jax.typeof(x).sharding, node.state)
-        return value_s, state_s
-
-    return cast(tuple[Any, Any], ch.run_auto(run, node, out_sharding=out_sharding))
 
 
 _materialize_jit = jax.jit(materialize)
@@ -314,10 +199,10 @@ def materialize_tensor(
     """
     if not is_node(node):
         raise ValueError(
-            f"{label} is not parametrized (it is a {ch.type_name(node)}); only a "
+            f"{label} is not parametrized (it is a {checks.type_name(node)}); only a "
             f"paramx.Parametrized node has a value to compute."
         )
-    value, new = _node_value(node, None, update_state, label)
+    value, new = sharding.node_value(node, None, update_state, label)
     return (value, new) if update_state else value
 
 

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 
 from paramx._src.core import chain as ch
+from paramx._src.core import checks, paths, sharding
 from paramx._src.core import parametrization as pz
-from paramx._src.core import paths
 from paramx._src.core.node import Parametrized, is_node
 
 _DEFAULT_SEED = 0
@@ -164,8 +164,8 @@ def _register_leaf(
     # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
     # otherwise); the new node's arrays keep their inputs' shardings.
     work = functools.partial(step, p=p, unsafe=unsafe, key=key, where=where, batch_axes=batch_axes)
-    with ch.at_path(where):
-        node: Parametrized = ch.run_auto(work, leaf)
+    with checks.at_path(where):
+        node: Parametrized = sharding.run_auto(work, leaf)
     return node
 
 
@@ -178,13 +178,13 @@ def _init(p: Any, value: Any, key: jax.Array, *, where: str) -> tuple[Any, Any]:
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(
             f"`init` of parametrization {pz.display_name(p)} must return a pair (params, state); "
-            f"either may be None. Got {ch.type_name(out)}. (at {where})"
+            f"either may be None. Got {checks.type_name(out)}. (at {where})"
         )
     return out
 
 
 def _check_forward(out: Any, value: Any, where: str) -> None:
-    ch.check_same(
+    checks.check_same(
         out,
         value,
         producer="A parametrization",
@@ -208,7 +208,7 @@ def shape_of(fn: Any, *args: Any) -> Any:
     ``fn(*args)`` itself, as torch runs it."""
     try:
         return jax.eval_shape(fn, *args)
-    except ch.NEEDS_CONCRETE:
+    except checks.NEEDS_CONCRETE:
         if not is_concrete(args):
             raise
         return fn(*args)
@@ -233,16 +233,16 @@ def _check_batch_axes(value: Any, batch_axes: int, where: str) -> None:
     if batch_axes > value.ndim:
         raise ValueError(
             f"`batch_axes={batch_axes}` asks for more stack axes than the tensor at {where} has "
-            f"({ch.describe(value)})."
+            f"({checks.describe(value)})."
         )
 
 
 def _first(
     leaf: Any, p: Any, *, unsafe: bool, key: jax.Array, where: str, batch_axes: int
 ) -> Parametrized:
-    if not ch.is_array(leaf):
+    if not checks.is_array(leaf):
         raise ValueError(
-            f"The leaf at {where} is a {ch.type_name(leaf)}, not an array; only arrays can be "
+            f"The leaf at {where} is a {checks.type_name(leaf)}, not an array; only arrays can be "
             f"parametrized."
         )
     value = jax.numpy.asarray(leaf)
@@ -256,7 +256,7 @@ def _first(
             new, state = ch.link_right_inverse(p, 0, value, params, state)
         except (ch.NoRightInverse, NotImplementedError):
             new = value  # torch: a missing or unimplemented right_inverse is the identity here
-        originals, multi = ch.as_originals(new, value, where=where)
+        originals, multi = checks.as_originals(new, value, where=where)
         _check_devices(originals, value, where)
         return Parametrized(originals, (p,), params, state, multi=multi, unsafe=unsafe)
 
@@ -281,7 +281,7 @@ def _per_tensor(
     keys = jax.random.split(key, batch)
     try:
         return cast(Parametrized, ch.per_tensor(one, batch_axes)(value, keys))
-    except ch.NEEDS_CONCRETE:
+    except checks.NEEDS_CONCRETE:
         if not is_concrete(value):
             raise
     nodes = [one(value[idx], keys[idx]) for idx in np.ndindex(*batch)]
@@ -371,7 +371,7 @@ def _check_appended(
     try:
         try:
             z = jax.eval_shape(inverse, x, state_i)
-        except ch.NEEDS_CONCRETE:
+        except checks.NEEDS_CONCRETE:
             if not is_concrete((y, kw, state_i)):
                 raise
             # torch runs right_inverse on the concrete value of forward; so does paramx when
@@ -381,4 +381,4 @@ def _check_appended(
         return
     what = "parametrization.right_inverse"
     hint = "A parametrization appended to a chain must map values back to one tensor."
-    ch.check_same(z, y, producer=what, what=what, where=where, hint=hint)
+    checks.check_same(z, y, producer=what, what=what, where=where, hint=hint)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from paramx._src.core import chain as ch
+from paramx._src.core import checks, paths
 from paramx._src.core import parametrization as pz
-from paramx._src.core import paths
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.state import merge_state
 
@@ -90,7 +90,7 @@ def remove_tensor(
     _check_flag(leave_parametrized)
     if not is_node(node):
         raise ValueError(
-            f"{label} is not parametrized (it is a {ch.type_name(node)}): nothing to remove."
+            f"{label} is not parametrized (it is a {checks.type_name(node)}): nothing to remove."
         )
     return _remove_node(node, leave_parametrized, label)
 

@@ -8,7 +8,7 @@ from typing import Any, cast
 import jax.numpy as jnp
 
 from paramx._src.core import chain as ch
-from paramx._src.core import paths
+from paramx._src.core import checks, paths
 from paramx._src.core.node import is_node
 
 
@@ -67,14 +67,14 @@ def transfer_parametrizations_and_params(
             got = ch.value_shape(target, where_s)
         else:
             got = target
-        if not ch.is_array(got) or (
+        if not checks.is_array(got) or (
             tuple(got.shape) != tuple(want.shape) or jnp.dtype(got.dtype) != jnp.dtype(want.dtype)
         ):
-            shown = ch.describe(got) if ch.is_array(got) else f"a {ch.type_name(got)}"
+            shown = checks.describe(got) if checks.is_array(got) else f"a {checks.type_name(got)}"
             kind = "parametrized tensor" if is_node(target) else "tensor"
             raise ValueError(
                 f"Cannot transfer the parametrization at {where_s}: the target's {kind} is "
-                f"{shown}, the source's parametrized tensor is {ch.describe(want)}. Transfer "
+                f"{shown}, the source's parametrized tensor is {checks.describe(want)}. Transfer "
                 f"between trees of the same model (or matching layers)."
             )
         replacements[j] = node

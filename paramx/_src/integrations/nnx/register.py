@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from paramx._src.core import chain as ch
+from paramx._src.core import checks
 from paramx._src.integrations.nnx import run, shared
 from paramx._src.integrations.nnx.classes import (
     parametrized_class,
@@ -57,7 +57,7 @@ def _variable(module: Any, name: str) -> nnx.Variable:
             f"{name!r}. {listing}"
         )
     var = attrs[name]
-    if not is_variable(var) or not ch.is_array(var.get_value()):
+    if not is_variable(var) or not checks.is_array(var.get_value()):
         what = type(var.get_value()).__name__ if is_variable(var) else type(var).__name__
         raise ValueError(
             f"The attribute {name!r} of {type(module).__name__} is a {what}, not a Variable "

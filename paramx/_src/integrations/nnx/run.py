@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from paramx._src.core import chain as ch
+from paramx._src.core import checks
 from paramx._src.core.assign import assign_tensor
 from paramx._src.core.materialize import materialize_tensor
 from paramx._src.core.node import Parametrized
@@ -74,7 +74,7 @@ def _eager_only(args: Any, static: dict[str, Any]) -> bool:
     """Whether the call cannot be compiled: it runs inside a trace already, an argument is
     not an array, or jit could not cache on the static options (an unhashable chain)."""
     leaves = jax.tree_util.tree_leaves(args)
-    if any(isinstance(x, jax.core.Tracer) or not ch.is_array(x) for x in leaves):
+    if any(isinstance(x, jax.core.Tracer) or not checks.is_array(x) for x in leaves):
         return True
     try:
         hash((jax.tree_util.tree_structure(args), tuple(static.items())))
@@ -90,7 +90,7 @@ def _call(
         return fn(*args, **static), False
     try:
         return compiled(*args, **static), False
-    except ch.NEEDS_CONCRETE:  # declared traceable, but is not: run it as it is written
+    except checks.NEEDS_CONCRETE:  # declared traceable, but is not: run it as it is written
         return fn(*args, **static), True
 
 
