@@ -118,7 +118,7 @@ def summary(tree: Any) -> str:
     for path, leaf in paths.leaves_with_paths(tree):
         if not is_node(leaf):
             continue
-        names = leaf._original_names()
+        names = leaf.original_names
         rows.append(
             (
                 paths.format_path(path),

@@ -142,12 +142,7 @@ class Parametrized:
     @property
     def original_names(self) -> tuple[str, ...]:
         """torch's names of the originals: ``("original",)``, or ``("original0", ...)``."""
-        if self.multi:
-            return tuple(f"original{i}" for i in range(self._aux.n_originals))
-        return ("original",)
-
-    def _original_names(self) -> list[str]:  # the earlier private spelling
-        return list(self.original_names)
+        return original_names(self.multi, self._aux.n_originals)
 
     # ----- pytree protocol -------------------------------------------------------------
     def tree_flatten_with_keys(self) -> tuple[list[tuple[GetAttrKey, Any]], _Static]:
@@ -208,7 +203,7 @@ class Parametrized:
         if self.multi:
             raise AttributeError(
                 f"This tensor is parametrized in terms of {len(self.originals)} originals "
-                f"({', '.join(self._original_names())}); read `.originals` instead of `.original`."
+                f"({', '.join(self.original_names)}); read `.originals` instead of `.original`."
             )
         return self.originals[0]
 
@@ -231,7 +226,7 @@ class Parametrized:
 
     def __repr__(self) -> str:
         describe = _describe
-        names = self._original_names()
+        names = self.original_names
         parts = [f"{n}={describe(x)}" for n, x in zip(names, self.originals)]
         parts.insert(0, f"chain=[{', '.join(self.chain_names())}]")
         for label, tree in (("params", self.params), ("state", self.state)):
@@ -255,6 +250,11 @@ def _describe(x: Any) -> str:
     if shape is None or dtype is None:
         return repr(x)
     return f"{jax.numpy.dtype(dtype).name}{list(shape)}"
+
+
+def original_names(multi: bool, n: int) -> tuple[str, ...]:
+    """torch's names for ``n`` originals: ``original``, or ``original0`` ... when ``multi``."""
+    return tuple(f"original{i}" for i in range(n)) if multi else ("original",)
 
 
 def is_node(x: Any) -> bool:

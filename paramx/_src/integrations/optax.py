@@ -180,7 +180,7 @@ def _decided(out: Any, names: Mapping[str, Any], path: Any, leaf: Any) -> dict[s
     if out is None:
         return dict(names)
     if isinstance(out, Mapping):
-        extra = tuple(leaf._original_names()) if is_node(leaf) and leaf.multi else ()
+        extra = tuple(leaf.original_names) if is_node(leaf) and leaf.multi else ()
         return _with_overrides(
             names,
             out,
@@ -198,7 +198,7 @@ def _label_leaf(leaf: Any, names: Mapping[str, Any]) -> Any:
     node: Parametrized = leaf
     originals = tuple(
         names.get(n, names["original"]) if node.multi else names["original"]
-        for n in node._original_names()
+        for n in node.original_names
     )
     params = jax.tree_util.tree_map(lambda _: names["parametrization"], node.params)
     state = jax.tree_util.tree_map(lambda _: names["state"], node.state)

@@ -19,7 +19,7 @@ from paramx._src.core.node import Parametrized
 
 def _to_state_dict(node: Parametrized) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, x in zip(node._original_names(), node.originals):
+    for name, x in zip(node.original_names, node.originals):
         out[name] = serialization.to_state_dict(x)
     if node.params:
         out["params"] = serialization.to_state_dict(node.params)
@@ -29,7 +29,7 @@ def _to_state_dict(node: Parametrized) -> dict[str, Any]:
 
 
 def _from_state_dict(target: Parametrized, state: Any) -> Parametrized:
-    names = target._original_names()
+    names = target.original_names
     where = serialization.current_path().lstrip("./") or "<root>"
     if not isinstance(state, Mapping):
         got = (

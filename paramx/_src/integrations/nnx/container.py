@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from paramx._src.core import parametrization as pz
-from paramx._src.core.node import Parametrized
+from paramx._src.core.node import Parametrized, original_names
 from paramx._src.integrations.nnx import cache, run
 
 CONTAINER = "parametrizations"
@@ -72,10 +72,6 @@ def _like(variable: nnx.Variable, value: jax.Array) -> nnx.Variable:
 def _value(original: Any) -> Any:
     """The array an original holds: a Variable's value, or the value a nested chain reads."""
     return original.get_value() if is_variable(original) else original
-
-
-def original_names(multi: bool, n: int) -> list[str]:
-    return [f"original{i}" for i in range(n)] if multi else ["original"]
 
 
 class ParametrizationList(nnx.Module):
@@ -153,7 +149,7 @@ class ParametrizationList(nnx.Module):
         n = 0
         while f"original{n}" in vars(self) or lookup(self, f"original{n}") is not None:
             n += 1
-        return original_names(True, n)
+        return list(original_names(True, n))
 
     @property
     def originals(self) -> tuple[Any, ...]:

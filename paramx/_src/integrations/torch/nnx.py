@@ -147,7 +147,7 @@ def nnx_state(view: NNXView, tensors: list[Tensor], new_leaves: Mapping[int, Any
             out.append((path, var.copy(new)))
             continue
         base = plist_paths[t.keys]
-        arrays = dict(zip(new._original_names(), new.originals))
+        arrays = dict(zip(new.original_names, new.originals))
         for kind in ("params", "state"):
             flat = jax.tree_util.tree_flatten_with_path(getattr(new, kind))[0]
             for p, x in flat:

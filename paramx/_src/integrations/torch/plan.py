@@ -193,7 +193,7 @@ def _link(t: Tensor, j: int) -> proto.TorchLink:
         shape=t.shape,
         layout=t.layout,
         originals=tuple(leaf.originals),
-        original_names=tuple(leaf._original_names()),
+        original_names=tuple(leaf.original_names),
         params=leaf.params.get(str(j)),
         state=leaf.state.get(str(j)),
     )
@@ -264,7 +264,7 @@ def plan(t: Tensor, *, legacy: bool) -> list[Entry]:
         shape = layout.torch_shape(t.shape)
         return [Entry(t.plain_key, "", ("leaf",), leaf, layout.to_flax, layout.to_torch, "", shape)]
     entries: list[Entry] = []
-    labels = leaf._original_names()
+    labels = leaf.original_names
     suffixes = t.declared_legacy if legacy else None
     if legacy and suffixes is None:
         raise ValueError(
