@@ -335,9 +335,9 @@ def test_tabulate_shows_the_originals_and_the_state():
 
 
 # --- item 11: partitioning annotations ------------------------------------------------------------
-def _partitioned_layer():
+def _partitioned_layer(**kw):
     init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
-    return px.linen.Parametrize(nn.Dense(4, kernel_init=init), {"kernel": px.SpectralNorm()})
+    return px.linen.Parametrize(nn.Dense(4, kernel_init=init), {"kernel": px.SpectralNorm()}, **kw)
 
 
 def test_with_partitioning_keeps_the_box_and_its_spec():
@@ -366,8 +366,9 @@ def test_with_partitioning_materializes_outside_the_model():
     strict=True,
     reason=(
         "flax's tabulate reads `jnp.shape` / `jnp.result_type` of a partitioned box's value, "
-        "here a Parametrized node (which refuses to be an array); needs `shape` and `dtype` "
-        "on the node (the value's), a core change in paramx/_src/core/node.py."
+        "here a Parametrized node, which refuses to act as an array (issue 11 item 13: no "
+        "`.shape`/`.dtype`, so an unmaterialized tree fails loudly). layout='arrays' boxes "
+        "plain arrays and tabulates (the test below)."
     ),
 )
 def test_tabulate_with_a_partitioned_parametrized_kernel():
@@ -375,6 +376,13 @@ def test_tabulate_with_a_partitioned_parametrized_kernel():
         jax.random.key(0), X, console_kwargs={"width": 200, "force_terminal": False}
     )
     assert "chain: spectral_norm" in table
+
+
+def test_tabulate_with_a_partitioned_kernel_in_the_arrays_layout():
+    table = _partitioned_layer(layout="arrays").tabulate(
+        jax.random.key(0), X, console_kwargs={"width": 200, "force_terminal": False}
+    )
+    assert "original" in table and "float32[3,4]" in table and "paramx_state" in table
 
 
 # --- item 10: the NNX bridge (layout="arrays") ---------------------------------------------------

@@ -184,6 +184,22 @@ def _spec(group: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(first.shape, first.dtype)
 
 
+def _register(wrapper: Parametrize, plain: Any, key: jax.Array) -> Any:
+    """Registers ``wrapper``'s rules on ``plain``."""
+    tree = plain
+    for where, p in normalize_rules(wrapper.rules):
+        try:
+            tree = register_parametrization(
+                tree, where, p, unsafe=wrapper.unsafe, key=key, batch_axes=wrapper.batch_axes
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"paramx.linen.Parametrize around {type(wrapper.module).__name__} "
+                f"(paths are relative to it): {e}"
+            ) from None
+    return tree
+
+
 class _Memo:
     """The materialized view of one bound wrapper, reused by its later calls.
 
@@ -358,6 +374,10 @@ class Parametrize(nn.Module):
         )
 
     # ----- helpers --------------------------------------------------------------------------
+    # `nn.nowrap`: `model.tabulate` records every wrapped method call with its inputs and
+    # outputs, and cannot show registered nodes inside a metadata box (they refuse to act as
+    # arrays); these helpers are not part of the model's computation.
+    @nn.nowrap
     def _where(self) -> str:
         scope_path = "/".join(map(str, self.scope.path)) if self.scope is not None else ""
         return (
@@ -365,6 +385,7 @@ class Parametrize(nn.Module):
             f"{f' at {scope_path}' if scope_path else ''}"
         )
 
+    @nn.nowrap
     def _flag(self, at_call: bool | None) -> bool | None:
         """``use_running_average`` from the attributes and the call, as BatchNorm merges it."""
         attribute = self.use_running_average
@@ -380,6 +401,7 @@ class Parametrize(nn.Module):
             return None
         return nn.merge_param(_FLAG, attribute, at_call)
 
+    @nn.nowrap
     def _should_update(self, flag: bool | None, raw: Any) -> bool:
         if self.is_initializing():
             return False  # registration already ran the warm-up
@@ -408,6 +430,7 @@ class Parametrize(nn.Module):
             )
         return True
 
+    @nn.nowrap
     def _holds_nodes(self) -> bool:
         """Whether the variables this wrapper selects from are registered already."""
         if self.scope is None:
@@ -415,6 +438,7 @@ class Parametrize(nn.Module):
         found = self.variables.get(self.collection, {})
         return bool(_nodes(found)) or bool(_groups(found))
 
+    @nn.nowrap
     def _layout_error(self, at: str, found: str, made: str) -> ValueError:
         return ValueError(
             f"{self._where()} (layout={self.layout!r}): the variable at {at} {found}, so the "
@@ -422,6 +446,7 @@ class Parametrize(nn.Module):
             f"the wrapper the layout they were created with."
         )
 
+    @nn.nowrap
     def _check_not_arrays(self, raw: Any) -> None:
         """In the nodes layout, refuses variables created with layout='arrays'."""
         if _nodes(raw):
@@ -435,6 +460,7 @@ class Parametrize(nn.Module):
                 "layout='arrays'",
             )
 
+    @nn.nowrap
     def _rebuild(self, raw: Any) -> Any:
         """The arrays layout's collection with each stored group as a node again.
 
@@ -483,6 +509,7 @@ class Parametrize(nn.Module):
 
         return jax.tree_util.tree_map_with_path(put, raw, is_leaf=_group_or_leaf)
 
+    @nn.nowrap
     def _node(self, keys: tuple[Any, ...], group: Mapping[str, Any], chain: list[Any]) -> Any:
         """One node from its stored dict, checked against what registration stores."""
         at = "/".join(map(str, keys))
@@ -520,20 +547,7 @@ class Parametrize(nn.Module):
         )
         return paths.rebox(box, node)
 
-    def _register(self, plain: Any, key: jax.Array) -> Any:
-        tree = plain
-        for where, p in normalize_rules(self.rules):
-            try:
-                tree = register_parametrization(
-                    tree, where, p, unsafe=self.unsafe, key=key, batch_axes=self.batch_axes
-                )
-            except ValueError as e:
-                raise ValueError(
-                    f"paramx.linen.Parametrize around {type(self.module).__name__} "
-                    f"(paths are relative to it): {e}"
-                ) from None
-        return tree
-
+    @nn.nowrap
     def _run(self, fn: Callable[..., Any], at_call: bool | None, *args: Any, **kwargs: Any) -> Any:
         col, scol = self.collection, self.state_collection
         flag = self._flag(at_call)
@@ -586,7 +600,7 @@ class Parametrize(nn.Module):
                 elif registering:
                     # Drawn after the wrapped module's initializers ran: their draws are the
                     # ones the unwrapped module would make.
-                    tree = self._register(out[col], self.make_rng("params"))
+                    tree = _register(self, out[col], self.make_rng("params"))
                     registered, new_state = split_state(tree)
                     out[col] = _as_arrays(registered, out[col]) if arrays else registered
                     if new_state:
