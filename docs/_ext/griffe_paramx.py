@@ -27,34 +27,27 @@ def _plain_roles(obj: griffe.Object) -> None:
             _plain_roles(member)
 
 
+def _visit(name: str, path: Path, parent: griffe.Module, loader: griffe.GriffeLoader) -> Any:
+    return griffe.visit(
+        name,
+        filepath=path,
+        code=path.read_text(encoding="utf-8"),
+        parent=parent,
+        extensions=loader.extensions,
+        docstring_parser=loader.docstring_parser,
+        docstring_options=loader.docstring_options,
+        lines_collection=loader.lines_collection,
+    )
+
+
 def _load_folder(folder: Path, parent: griffe.Module, loader: griffe.GriffeLoader) -> None:
     """Each ``*.py`` of ``folder`` as a member of ``parent``, and each subpackage likewise."""
     for path in sorted(folder.glob("*.py")):
         if path.stem == "__init__":
             continue
-        module = griffe.visit(
-            path.stem,
-            filepath=path,
-            code=path.read_text(encoding="utf-8"),
-            parent=parent,
-            extensions=loader.extensions,
-            docstring_parser=loader.docstring_parser,
-            docstring_options=loader.docstring_options,
-            lines_collection=loader.lines_collection,
-        )
-        parent.set_member(path.stem, module)
+        parent.set_member(path.stem, _visit(path.stem, path, parent, loader))
     for sub in sorted(d for d in folder.iterdir() if (d / "__init__.py").is_file()):
-        init = sub / "__init__.py"
-        package = griffe.visit(
-            sub.name,
-            filepath=init,
-            code=init.read_text(encoding="utf-8"),
-            parent=parent,
-            extensions=loader.extensions,
-            docstring_parser=loader.docstring_parser,
-            docstring_options=loader.docstring_options,
-            lines_collection=loader.lines_collection,
-        )
+        package = _visit(sub.name, sub / "__init__.py", parent, loader)
         parent.set_member(sub.name, package)
         _load_folder(sub, package, loader)
 
