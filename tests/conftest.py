@@ -43,6 +43,48 @@ def key():
     return jax.random.key(0)
 
 
+def exported_parametrizations() -> list[type]:
+    """Every parametrization class that ``paramx`` exports, found by looking, not listed.
+
+    A class in ``paramx.__all__`` counts when it defines a ``forward`` method and builds with
+    no arguments (its default options). The conformance and full-precision tests run on each,
+    so a new built-in exported from ``paramx`` is covered without editing them.
+    """
+    import paramx as px
+
+    found = []
+    for name in px.__all__:
+        obj = getattr(px, name)
+        if not isinstance(obj, type) or not callable(getattr(obj, "forward", None)):
+            continue
+        try:
+            obj()
+        except TypeError:  # needs arguments: not a ready-made parametrization
+            continue
+        found.append(obj)
+    return found
+
+
+def suitable_shape(p, shapes=((5, 3), (4, 4))):
+    """The first of ``shapes`` (a tall matrix, then a square one) that ``p`` registers on.
+
+    Checked abstractly (``jax.eval_shape``: nothing is compiled); a parametrization refuses an
+    unsuitable shape with a ValueError at registration.
+    """
+    import paramx as px
+
+    for shape in shapes:
+        try:
+            jax.eval_shape(
+                lambda x: px.register_parametrization({"w": x}, "w", p),
+                jax.ShapeDtypeStruct(shape, jnp.float32),
+            )
+        except ValueError:
+            continue
+        return shape
+    raise ValueError(f"{p!r} registers on none of the shapes {shapes}; add one it accepts.")
+
+
 def run_python(*args, timeout=900):
     """Runs ``python *args`` in a fresh interpreter at the repository root.
 

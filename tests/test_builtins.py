@@ -5,11 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_close
+from conftest import assert_close, exported_parametrizations, suitable_shape
 
 import paramx as px
 
 MAPS = ["matrix_exp", "cayley", "householder"]
+# One compiled program per tree structure, shape and dtype, shared by the tests; op by op,
+# the orthogonal maps would compile each of their many small operations instead.
+_materialize = jax.jit(px.materialize)
 SHAPES = [(6, 6), (7, 4), (4, 7), (3, 5, 4)]
 
 
@@ -57,7 +60,7 @@ def _normal(shape, dtype, seed=0):
 def test_orthogonal_registration_gives_the_q_factor(omap, shape, dtype):
     w = _normal(shape, dtype)
     tree = px.orthogonal({"w": w}, "w", omap)
-    q = jax.jit(px.materialize)(tree)["w"]
+    q = _materialize(tree)["w"]
     assert q.shape == w.shape and q.dtype == w.dtype
     assert orthogonality_error(q) <= threshold(q)
     assert_close(q, q_factor(w), dtype, scale=10)
@@ -71,7 +74,7 @@ def test_orthogonal_registration_gives_the_q_factor(omap, shape, dtype):
 def test_orthogonal_complex_is_unitary(omap, dtype):
     w = _normal((5, 3), dtype)
     for triv in (True, False):
-        q = px.materialize(px.orthogonal({"w": w}, "w", omap, use_trivialization=triv))["w"]
+        q = _materialize(px.orthogonal({"w": w}, "w", omap, use_trivialization=triv))["w"]
         assert q.dtype == dtype and orthogonality_error(q) <= threshold(q)
     assert px.Orthogonal().map_for(w) == "matrix_exp"
 
@@ -110,7 +113,7 @@ def test_orthogonal_assign(omap, shape):
             continue
         tree = px.orthogonal({"w": _normal(shape, jnp.float64)}, "w", omap, use_trivialization=triv)
         out = px.assign(tree, "w", target)
-        assert_close(px.materialize(out)["w"], target, jnp.float64, scale=100)
+        assert_close(_materialize(out)["w"], target, jnp.float64, scale=100)
 
 
 @pytest.mark.parametrize("shape", [(5, 5), (6, 3), (3, 6)])
@@ -118,16 +121,18 @@ def test_orthogonal_assign(omap, shape):
 def test_orthogonal_gradient_is_zero_on_unused_entries(omap, shape):
     params, state = px.split_state(px.orthogonal({"w": _normal(shape, jnp.float64)}, "w", omap))
     probe = _normal(shape, jnp.float64, seed=5)
-    grads = jax.grad(lambda p: jnp.sum(px.materialize(p, state)["w"] * probe))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(px.materialize(p, state)["w"] * probe)))(params)
     g = _tall(grads["w"].original)
     assert float(jnp.max(jnp.abs(jnp.triu(g)))) == 0.0  # strict upper triangle and diagonal
     assert float(jnp.max(jnp.abs(jnp.tril(g, -1)))) > 0.0
 
 
 def _adam_steps(tree, steps=1000, lr=1e-2):
+    """The value after ``steps`` Adam steps towards a random target; one compiled program."""
     params, state = px.split_state(tree)
     tx = optax.adam(lr)
-    target = _normal(px.materialize(tree)["w"].shape, px.materialize(tree)["w"].dtype, seed=9)
+    shape = jax.eval_shape(px.materialize, tree)["w"]  # traced only, not compiled
+    target = _normal(shape.shape, shape.dtype, seed=9)
 
     def body(_, carry):
         params, opt_state = carry
@@ -138,8 +143,11 @@ def _adam_steps(tree, steps=1000, lr=1e-2):
             updates, opt_state = tx.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state
 
-    params, _ = jax.jit(lambda p: jax.lax.fori_loop(0, steps, body, (p, tx.init(p))))(params)
-    return px.materialize(params, state)["w"]
+    def train(params):
+        params, _ = jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))
+        return px.materialize(params, state)["w"]
+
+    return jax.jit(train)(params)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -188,8 +196,11 @@ def test_orthogonal_is_at_least_as_accurate_as_torch_after_training(omap, triv):
             updates, opt_state = tx.update(jax.grad(loss)(params), opt_state)
         return optax.apply_updates(params, updates), opt_state
 
-    params, _ = jax.jit(lambda p: jax.lax.fori_loop(0, 1000, body, (p, tx.init(p))))(params)
-    q = np.asarray(px.materialize(params, state)["w"], np.float64)  # tall: no transposition
+    def train(params):
+        params, _ = jax.lax.fori_loop(0, 1000, body, (params, tx.init(params)))
+        return px.materialize(params, state)["w"]
+
+    q = np.asarray(jax.jit(train)(params), np.float64)  # tall: no transposition
     error = np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(5)).max()
     assert error <= TORCH_ORTHOGONALITY_ERROR[omap, triv], error
 
@@ -289,7 +300,7 @@ def test_builtins_on_a_stack_of_layers_work_per_layer():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(out), 2, axis=(-2, -1)), 1.0, rtol=1e-4)
     g, _ = px.originals(px.weight_norm({"k": stack}, "k", batch_axes=1), "k")
     assert g.shape == (3, 1, 5)
-    q = px.materialize(px.orthogonal({"k": stack}, "k", batch_axes=1))["k"]
+    q = _materialize(px.orthogonal({"k": stack}, "k", batch_axes=1))["k"]
     assert orthogonality_error(q) <= threshold(q)
 
 
@@ -366,24 +377,43 @@ def test_builtins_multiply_at_full_precision(omap, triv):
     # On an H100, JAX's default float32 product is TF32: with it, the default orthogonal map
     # (trivialization, base @ exp(A)) came out orthogonal to only 2.6e-4, against 4e-7 on CPU
     # (measured). Every product the built-ins run, forward and backward, must ask for HIGHEST.
+    # Each orthogonal map here; every exported parametrization with its default options in
+    # the test below.
     w = jax.random.normal(jax.random.key(0), (6, 4), jnp.float32)
     params, state = px.split_state(px.orthogonal({"w": w}, "w", omap, use_trivialization=triv))
     loss = lambda p: jnp.sum(px.materialize(p, state)["w"] ** 2)
     assert _all_highest(_dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
 
-    params, state = px.split_state(px.spectral_norm({"w": w}, "w", key=jax.random.key(1)))
-    step = lambda p, s: jax.grad(
-        lambda p: jnp.sum(px.materialize(p, s, update_state=True)[0]["w"] ** 2)
-    )(p)
-    assert _all_highest(_dot_precisions(jax.make_jaxpr(step)(params, state).jaxpr))
-
-    # weight norm has no matrix product; a chain of all three multiplies at HIGHEST too.
+    # A chain of all three multiplies at HIGHEST too.
     tree = px.weight_norm({"w": w}, "w")
     tree = px.spectral_norm(tree, "w")
     tree = px.register_parametrization(tree, "w", px.Orthogonal(omap, use_trivialization=triv))
     params, state = px.split_state(tree)
-    assert _all_highest(_dot_precisions(jax.make_jaxpr(step)(params, state).jaxpr))
-    params, _ = px.split_state(px.weight_norm({"w": w}, "w"))
-    loss = lambda p: jnp.sum(px.materialize(p)["w"] ** 2)
-    precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-    assert not precisions or _all_highest(precisions)
+    assert _all_highest(_dot_precisions(jax.make_jaxpr(_train_step)(params, state).jaxpr))
+
+
+def _train_step(params, state):
+    """The gradient of a loss of the materialized tree, with the state update of training."""
+    loss = lambda p: jnp.sum(px.materialize(p, state, update_state=True)[0]["w"] ** 2)
+    return jax.grad(loss)(params)
+
+
+@pytest.mark.parametrize("cls", exported_parametrizations(), ids=lambda c: c.__name__)
+def test_every_exported_parametrization_multiplies_at_full_precision(cls):
+    # Found by looking at paramx's exports (conftest.py), so a new built-in is checked too.
+    # Registering, training (forward, backward, state update) and assigning may run no matrix
+    # product at all (weight norm runs none); every product they do run asks for HIGHEST.
+    shape = suitable_shape(cls(), ((6, 4), (5, 5)))
+    w = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    register = lambda x: px.register_parametrization({"w": x}, "w", cls(), key=jax.random.key(1))
+    tree = register(w)
+    params, state = px.split_state(tree)
+    assign = lambda t, v: px.assign(t, "w", v)
+    jaxprs = {
+        "register": jax.make_jaxpr(register)(w),
+        "train step": jax.make_jaxpr(_train_step)(params, state),
+        "assign": jax.make_jaxpr(assign)(tree, px.materialize(tree)["w"]),
+    }
+    for what, jaxpr in jaxprs.items():
+        precisions = _dot_precisions(jaxpr.jaxpr)
+        assert not precisions or _all_highest(precisions), (what, precisions)

@@ -39,25 +39,34 @@ def _threshold(q):
 
 @jax.jit
 def _linear_loss_grad(params, state, probe):
+    """(gradient, materialized tree) in one compiled program."""
+
     def loss(p):
         out = px.materialize(p, state)
         terms = jax.tree_util.tree_map(lambda a, b: jnp.sum(jnp.real(a * b)), out, probe)
-        return sum(jax.tree_util.tree_leaves(terms))
+        return sum(jax.tree_util.tree_leaves(terms)), out
 
-    return jax.grad(loss)(params)
+    return jax.grad(loss, has_aux=True)(params)
 
 
 _materialize = jax.jit(px.materialize)
 
 
+def _value_and_grads(tree, probe_seed=7):
+    """The materialized tree, and the gradient of a linear loss of it w.r.t. the trainable
+    half; one compilation for both."""
+    params, state = px.split_state(tree)
+    shapes = jax.eval_shape(px.materialize, tree)  # traced only, not compiled
+    probe = jax.tree_util.tree_map(
+        lambda x: _normal(x.shape, jnp.float32, probe_seed).astype(x.dtype), shapes
+    )
+    grads, value = _linear_loss_grad(params, state, probe)
+    return value, grads
+
+
 def _grads(tree, probe_seed=7):
     """The gradient of a linear loss of the materialized tree w.r.t. the trainable half."""
-    params, state = px.split_state(tree)
-    value = _materialize(tree)
-    probe = jax.tree_util.tree_map(
-        lambda x: _normal(x.shape, jnp.float32, probe_seed).astype(x.dtype), value
-    )
-    return _linear_loss_grad(params, state, probe)
+    return _value_and_grads(tree, probe_seed)[1]
 
 
 def _all_finite(tree):
@@ -131,9 +140,10 @@ def test_orthogonal_on_a_rank_deficient_value(omap, triv, shape):
     w = np.zeros(shape, np.float32)
     w[0, 0] = 2.0  # rank one; all but one diagonal entry of R are 0
     tree = px.orthogonal({"k": jnp.asarray(w)}, "k", omap, use_trivialization=triv)
-    q = _materialize(tree)["k"]
+    value, grads = _value_and_grads(tree)
+    q = value["k"]
     assert _orthogonality_error(q) <= _threshold(q)
-    assert _all_finite(_grads(tree))
+    assert _all_finite(grads)
 
 
 FIRST_LINKS = {
@@ -150,10 +160,10 @@ def test_orthogonal_chained_after_spectral_norm_and_tanh(omap, triv, shape, firs
     # The current value's diagonal lies in (-1, 1): torch's int() zeroed every column.
     tree = FIRST_LINKS[first]({"k": _normal(shape, seed=1)})
     tree = px.register_parametrization(tree, "k", px.Orthogonal(omap, use_trivialization=triv))
-    q = _materialize(tree)["k"]
+    value, g = _value_and_grads(tree)
+    q = value["k"]
     assert q.shape == shape
     assert _orthogonality_error(q) <= _threshold(q)
-    g = _grads(tree)
     assert _all_finite(g)
     assert float(jnp.sum(jnp.abs(g["k"].original))) > 0
 
@@ -415,9 +425,10 @@ def test_spectral_norm_registered_on_zeros_normalizes_once_the_weight_moves():
 @pytest.mark.parametrize("omap", MAPS)
 def test_orthogonal_on_zero_size_tensors(omap, triv, shape):
     tree = px.orthogonal({"k": jnp.zeros(shape, jnp.float32)}, "k", omap, use_trivialization=triv)
-    out = _materialize(tree)["k"]
+    value, grads = _value_and_grads(tree)
+    out = value["k"]
     assert out.shape == shape and out.dtype == jnp.float32
-    assert _all_finite(_grads(tree))
+    assert _all_finite(grads)
     if triv:
         assert px.assign(tree, "k", jnp.zeros(shape, jnp.float32))["k"].original.shape == shape
 
@@ -426,9 +437,10 @@ def test_orthogonal_on_zero_size_tensors(omap, triv, shape):
 @pytest.mark.parametrize("omap", MAPS)
 def test_orthogonal_on_a_zero_matrix(omap, triv):
     tree = px.orthogonal({"k": jnp.zeros((5, 3), jnp.float32)}, "k", omap, use_trivialization=triv)
-    q = _materialize(tree)["k"]
+    value, grads = _value_and_grads(tree)
+    q = value["k"]
     assert _orthogonality_error(q) <= _threshold(q)
-    assert _all_finite(_grads(tree))
+    assert _all_finite(grads)
 
 
 @pytest.mark.parametrize("dim", [-1, 0, None])

@@ -1,9 +1,12 @@
 """The conformance suite: every parametrization passes the same checks, with no special cases.
 
-Add a parametrization by adding a `Case`. Each check registers it on a small tree, then:
-materializes under jit, keeps shape and dtype (float32, float64, bfloat16), gives back the
-registered value when `right_inverse` is exact, has finite gradients, vmaps, and keeps state
-out of the gradient.
+Every parametrization class that paramx exports is found by `exported_parametrizations`
+(conftest.py) and checked with its default options, on a value in the image of its own
+`forward`; a new built-in is covered without touching this file. Options and the toy
+parametrizations of the core tests are added as explicit `Case`s. Each check registers the
+parametrization on a small tree, then: materializes under jit, keeps shape and dtype (float32,
+float64, bfloat16), gives back the registered value when `right_inverse` is exact, has finite
+gradients, vmaps, and keeps state out of the gradient.
 """
 
 import dataclasses
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import toys
-from conftest import assert_close
+from conftest import assert_close, exported_parametrizations, suitable_shape
 
 import paramx as px
 
@@ -73,37 +76,57 @@ def _orthogonal_sample(key, shape, dtype):
     return (jnp.swapaxes(q, -1, -2) if flip else q).astype(dtype)
 
 
-def _unit_spectral_norm(key, shape, dtype):
-    x = jax.random.normal(key, shape, jnp.float32).astype(
-        jnp.float32 if dtype == jnp.bfloat16 else dtype
-    )
-    return (x / jnp.linalg.norm(x, 2)).astype(dtype)
+def _image_of(p):
+    """Samples in the image of ``p``'s forward: the value of a random tensor registered with
+    ``p``, computed in float32 (or float64) and then rounded to the dtype."""
+
+    def sample(key, shape, dtype):
+        work = jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+        x = jax.random.normal(key, shape, jnp.float32).astype(work)
+        tree = px.register_parametrization({"w": x}, "w", p, key=jax.random.fold_in(key, 1))
+        return px.materialize(tree)["w"].astype(dtype)
+
+    return sample
 
 
-BUILTINS = [
-    Case(
-        f"orthogonal-{m}-{'x'.join(map(str, shape))}",
-        px.Orthogonal(m),
-        _orthogonal_sample,
-        shape,
-        scale=20,
-    )
-    for m in ("matrix_exp", "cayley", "householder")
-    for shape in ((4, 4), (5, 3), (3, 5), (2, 4, 3))
-] + [
-    Case(
-        "orthogonal-householder-notriv",
-        px.Orthogonal("householder", False),
-        _orthogonal_sample,
-        (5, 3),
-        scale=20,
-    ),
-    Case("spectral_norm", px.SpectralNorm(), _unit_spectral_norm, (5, 3), exact_inverse=False),
-    Case("spectral_norm-conv", px.SpectralNorm(2), _normal, (3, 3, 2, 4), exact_inverse=False),
-    Case("spectral_norm-vector", px.SpectralNorm(), _normal, (6,), exact_inverse=False),
-    Case("weight_norm", px.WeightNorm(), _normal, (4, 3), scale=4),
-    Case("weight_norm-whole", px.WeightNorm(None), _normal, (2, 3, 4), scale=4),
-]
+def _default_case(cls):
+    """The conformance case of an exported class with its default options. A parametrization
+    that updates its state as it trains (spectral norm's power iteration) cannot give back the
+    registered value exactly, so only its shape and dtype are checked there."""
+    p = cls()
+    exact = getattr(p, "update_state", None) is None
+    shape = suitable_shape(p)
+    return Case(f"{cls.__name__}-default", p, _image_of(p), shape, exact_inverse=exact, scale=20)
+
+
+EXPORTED = exported_parametrizations()
+
+BUILTINS = (
+    [_default_case(cls) for cls in EXPORTED]
+    + [
+        Case(
+            f"orthogonal-{m}-{'x'.join(map(str, shape))}",
+            px.Orthogonal(m),
+            _orthogonal_sample,
+            shape,
+            scale=20,
+        )
+        for m in ("matrix_exp", "cayley", "householder")
+        for shape in ((4, 4), (5, 3), (3, 5), (2, 4, 3))
+    ]
+    + [
+        Case(
+            "orthogonal-householder-notriv",
+            px.Orthogonal("householder", False),
+            _orthogonal_sample,
+            (5, 3),
+            scale=20,
+        ),
+        Case("spectral_norm-conv", px.SpectralNorm(2), _normal, (3, 3, 2, 4), exact_inverse=False),
+        Case("spectral_norm-vector", px.SpectralNorm(), _normal, (6,), exact_inverse=False),
+        Case("weight_norm-whole", px.WeightNorm(None), _normal, (2, 3, 4), scale=4),
+    ]
+)
 
 CASES = [
     *BUILTINS,
@@ -124,6 +147,39 @@ PARAMS = [
 ]
 
 
+def test_discovery_finds_the_builtins():
+    # The discovery itself can fail: it must at least see the three torch parametrizations.
+    assert {px.Orthogonal, px.SpectralNorm, px.WeightNorm} <= set(EXPORTED)
+    assert px.Parametrization not in EXPORTED and px.Parametrized not in EXPORTED
+    assert {c.parametrization.__class__ for c in BUILTINS} >= set(EXPORTED)
+
+
+# Compiled programs shared by the checks: each is compiled once per case and dtype (the vmap
+# check reuses the per-tensor values of the first check's program).
+_materialize = jax.jit(px.materialize)
+_materialize_stack = jax.jit(jax.vmap(px.materialize))
+_update_state = jax.jit(lambda p, s: px.materialize(p, s, update_state=True))
+
+
+@jax.jit
+def _linear_loss_grad(params, state, probe):
+    def loss(params):
+        w = px.materialize(params, state)["layer"]["w"]
+        return jnp.sum((w * probe).astype(jnp.float32))
+
+    return jax.grad(loss)(params)
+
+
+@jax.jit
+def _grad_through_state(params, state):
+    def through_state(p):
+        _, s = px.materialize(p, state, update_state=True)
+        leaves = jax.tree_util.tree_leaves(s)
+        return sum((jnp.sum(x.astype(jnp.float32)) for x in leaves), jnp.zeros((), jnp.float32))
+
+    return jax.grad(through_state)(params)
+
+
 def _registered(case, dtype, key):
     value = case.sample(key, case.shape, dtype)
     tree = {"layer": {"w": value, "b": jnp.zeros((2,), dtype)}}
@@ -133,7 +189,7 @@ def _registered(case, dtype, key):
 @pytest.mark.parametrize("case,dtype", PARAMS)
 def test_materialize_under_jit_keeps_shape_dtype_and_value(case, dtype, key):
     value, tree = _registered(case, dtype, key)
-    out = jax.jit(px.materialize)(tree)
+    out = _materialize(tree)
     assert out["layer"]["w"].shape == value.shape
     assert out["layer"]["w"].dtype == jnp.dtype(dtype)
     assert out["layer"]["b"].dtype == jnp.dtype(dtype)
@@ -148,13 +204,7 @@ def test_gradients_are_finite_and_reach_originals(case, dtype, key):
     _, tree = _registered(case, dtype, key)
     params, state = px.split_state(tree)
     probe = jax.random.normal(jax.random.key(1), case.shape, jnp.float32).astype(dtype)
-
-    @jax.jit
-    def loss(params):
-        w = px.materialize(params, state)["layer"]["w"]
-        return jnp.sum((w * probe).astype(jnp.float32))
-
-    grads = jax.grad(loss)(params)
+    grads = _linear_loss_grad(params, state, probe)
     node = grads["layer"]["w"]
     assert isinstance(node, px.Parametrized)
     for g, o in zip(node.originals, tree["layer"]["w"].originals):
@@ -171,26 +221,20 @@ def test_vmap_matches_per_example(case, dtype, key):
     keys = jax.random.split(key, 3)
     trees = [_registered(case, dtype, k)[1] for k in keys]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
-    batched = jax.jit(jax.vmap(px.materialize))(stacked)
-    for i, t in enumerate(trees):
-        assert_close(batched["layer"]["w"][i], px.materialize(t)["layer"]["w"], dtype)
+    batched = _materialize_stack(stacked)
+    for i, t in enumerate(trees):  # per tensor: as compiled by the first check (jit == eager)
+        assert_close(batched["layer"]["w"][i], _materialize(t)["layer"]["w"], dtype)
 
 
 @pytest.mark.parametrize("case,dtype", PARAMS)
 def test_state_update_keeps_structure_and_blocks_gradient(case, dtype, key):
     _, tree = _registered(case, dtype, key)
     params, state = px.split_state(tree)
-    step = jax.jit(lambda p, s: px.materialize(p, s, update_state=True))
-    _, new_state = step(params, state)
+    _, new_state = _update_state(params, state)
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
     for a, b in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state)):
         assert a.shape == b.shape and a.dtype == b.dtype
 
-    def through_state(p):
-        _, s = px.materialize(p, state, update_state=True)
-        leaves = jax.tree_util.tree_leaves(s)
-        return sum((jnp.sum(x.astype(jnp.float32)) for x in leaves), jnp.zeros((), jnp.float32))
-
-    grads = jax.grad(through_state)(params)
+    grads = _grad_through_state(params, state)
     for g in jax.tree_util.tree_leaves(grads):
         assert not np.any(np.asarray(g, np.float64)), "gradient flowed through state"

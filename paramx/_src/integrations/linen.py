@@ -72,7 +72,7 @@ def normalize_rules(rules: Any) -> tuple[tuple[Any, Any], ...]:
             "`rules` must be a mapping {where: parametrization}, a sequence of "
             f"(where, parametrization) pairs, or one such pair; got {type(rules).__name__}."
         )
-    out = []
+    out: list[tuple[Any, Any]] = []
     for pair in pairs:
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
             raise TypeError(

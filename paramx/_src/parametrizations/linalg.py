@@ -90,7 +90,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from fractions import Fraction
 from math import factorial
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -313,7 +313,7 @@ def _choose_degree(
         def largest() -> tuple[jax.Array, ...]:
             a6 = _mm(a4, a2)
             eta6 = jnp.minimum(eta4, _norm1(a6) ** (1.0 / 6.0))
-            index = 2
+            index: jax.Array | int = 2
             if len(cfg.degrees) == 4:  # degree 7 with s <= 1 beats degree 13
                 index = jnp.where(jnp.all(eta6 <= 2.0 * th[2]), 2, 3)
             return a4, a6, jnp.asarray(index, jnp.int32), eta6
@@ -354,7 +354,7 @@ def _pade_parts(
             sum(_matrix_scalar(coef[parity, k] * g[k], dtype) * powers[k] for k in range(4))
             for parity in (0, 1)
         )
-        return w, v, zeros, zeros
+        return cast(jax.Array, w), cast(jax.Array, v), zeros, zeros
 
     def thirteen() -> tuple[jax.Array, ...]:
         c = _pade_coefficients(13)
@@ -376,7 +376,7 @@ def _even_scales(scale: jax.Array) -> tuple[jax.Array, ...]:
     return jnp.ones_like(scale), g1, g1 * g1, g1 * g1 * g1
 
 
-def _mask(k: jax.Array, s: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+def _mask(k: jax.Array | int, s: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     """``new`` for the matrices of a batch that still have squarings left at step ``k``."""
     if s.ndim == 0:
         return new
@@ -397,10 +397,10 @@ def _square(r: jax.Array, s: jax.Array, stored: int) -> tuple[jax.Array, jax.Arr
         k, x = c
         return k + 1, _mask(k, s, _mm(x, x), x)
 
-    k, x, squares = lax.while_loop(
-        lambda c: c[0] < jnp.minimum(s_max, stored), store_step, (jnp.int32(0), r, squares)
-    )
-    _, x = lax.while_loop(lambda c: c[0] < s_max, plain_step, (k, x))
+    init: tuple[jax.Array, ...] = (jnp.int32(0), r, squares)
+    k, x, squares = lax.while_loop(lambda c: c[0] < jnp.minimum(s_max, stored), store_step, init)
+    plain: tuple[jax.Array, ...] = (k, x)
+    _, x = lax.while_loop(lambda c: c[0] < s_max, plain_step, plain)
     return x, squares
 
 
@@ -431,7 +431,7 @@ def _square_vjp(
     """Pull ``g`` back through the squarings: ``g <- g X_k^T + X_k^T g`` for ``k < s``."""
     s_max = jnp.max(s)
 
-    def step(k: jax.Array, g: jax.Array, x: jax.Array) -> jax.Array:
+    def step(k: jax.Array | int, g: jax.Array, x: jax.Array) -> jax.Array:
         xt = _mT(x)
         return _mask(k, s, _mm(g, xt) + _mm(xt, g), g)
 
@@ -441,14 +441,15 @@ def _square_vjp(
         x = _mm(x, x)
         return k + 1, step(k, g, x), x
 
-    start = (jnp.int32(stored + 1), g, squares[stored - 1])
+    start: tuple[jax.Array, ...] = (jnp.int32(stored + 1), g, squares[stored - 1])
     _, g, _ = lax.while_loop(lambda c: c[0] < s_max, recomputed, start)
 
     def stored_step(c: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         k, g = c
         return k - 1, step(k - 1, g, lax.dynamic_index_in_dim(squares, k - 2, 0, False))
 
-    _, g = lax.while_loop(lambda c: c[0] > 1, stored_step, (jnp.minimum(s_max, stored + 1), g))
+    rest: tuple[jax.Array, ...] = (jnp.minimum(s_max, stored + 1), g)
+    _, g = lax.while_loop(lambda c: c[0] > 1, stored_step, rest)
     if s.ndim == 0:
         return lax.cond(s_max > 0, lambda: step(0, g, r), lambda: g)
     return step(0, g, r)

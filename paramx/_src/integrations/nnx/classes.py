@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from paramx._src.integrations.nnx.container import lookup
 
@@ -39,7 +39,7 @@ def original_class(cls: type) -> type:
 
 def _rebuild(base: type, state: dict[str, Any]) -> Any:
     """Unpickles a module of a generated class (the class itself is not importable)."""
-    obj = object.__new__(parametrized_class(base))
+    obj: Any = object.__new__(parametrized_class(base))
     obj.__setstate__(state)
     return obj
 
@@ -65,7 +65,7 @@ def parametrized_class(cls: type) -> type:
         if plist is not None:
             plist.right_inverse(value)
         else:
-            base.__setattr__(self, name, value)
+            cast(Any, base).__setattr__(self, name, value)
 
     def __delattr__(self: Any, name: str) -> None:
         if lookup(self, name) is not None:
@@ -73,7 +73,7 @@ def parametrized_class(cls: type) -> type:
                 f"{name!r} is parametrized; use paramx.nnx.remove_parametrizations(module, "
                 f"{name!r}) to remove it."
             )
-        base.__delattr__(self, name)
+        cast(Any, base).__delattr__(self, name)
 
     def __reduce_ex__(self: Any, protocol: Any) -> Any:
         return _rebuild, (base, self.__getstate__())

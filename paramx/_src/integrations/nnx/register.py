@@ -157,7 +157,7 @@ def register_parametrization(
     """
     check_module(module)
     label = label_of(module, name)
-    options = dict(key=key, unsafe=unsafe, batch_axes=batch_axes, label=label)
+    options: dict[str, Any] = dict(key=key, unsafe=unsafe, batch_axes=batch_axes, label=label)
     plist = lookup(module, name)
     if plist is not None:
         node, failed = run.register(plist.node(), parametrization, eager=plist.eager, **options)
