@@ -579,3 +579,11 @@ def test_arrays_layout_with_a_predicate_a_chain_and_a_partitioned_kernel():
         None, "model"
     )
     assert_close(arrays.apply(v_a, X), nodes.apply(v_n, X))
+
+
+def test_the_bridge_with_the_nodes_layout_says_to_use_the_arrays_layout():
+    from flax import nnx
+
+    model = nnx.bridge.ToNNX(_sn_layer(), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"layout=\"arrays\""):
+        model.lazy_init(X)

@@ -186,6 +186,17 @@ class Parametrized:
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _operator
     __matmul__ = __rmatmul__ = __truediv__ = __rtruediv__ = __pow__ = __neg__ = _operator
 
+    def __contains__(self, key: Any) -> bool:
+        # Reached when a tool treats the node as a nested dict of variables: nnx.bridge.ToNNX
+        # merges a linen module's collections into one namespace, and a node sits where the
+        # state collection has entries below the same name.
+        raise TypeError(
+            f"A paramx.Parametrized node ({', '.join(self.chain_names())}) was read as a dict "
+            f"of variables (looking up {key!r}). The tree functions read nodes for you; with "
+            f'flax.nnx.bridge.ToNNX, give paramx.linen.Parametrize `layout="arrays"`, which '
+            f"stores plain arrays the bridge and nnx.Optimizer can hold."
+        )
+
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes a node does not have (or a property that raised
         # AttributeError: its own message is the one to show). Array attributes get the hint.
