@@ -42,6 +42,8 @@ from paramx._src.core.inspect import get_parametrized as get_parametrized
 from paramx._src.core.inspect import is_parametrized as is_parametrized
 from paramx._src.core.inspect import originals as originals
 from paramx._src.core.inspect import summary as summary
+from paramx._src.core.manifold import sampler as sampler
+from paramx._src.core.manifold import update_base as update_base
 from paramx._src.core.materialize import cached as cached
 from paramx._src.core.materialize import materialize as materialize
 from paramx._src.core.materialize import precompute as precompute
@@ -89,11 +91,13 @@ __all__ = [
     "precompute",
     "register_parametrization",
     "remove_parametrizations",
+    "sampler",
     "spectral_norm",
     "split_state",
     "summary",
     "symmetric",
     "transfer_parametrizations_and_params",
+    "update_base",
     "weight_norm",
 ]
 

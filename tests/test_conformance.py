@@ -238,3 +238,68 @@ def test_state_update_keeps_structure_and_blocks_gradient(case, dtype, key):
     grads = _grad_through_state(params, state)
     for g in jax.tree_util.tree_leaves(grads):
         assert not np.any(np.asarray(g, np.float64)), "gradient flowed through state"
+
+
+# ----- the constraint protocol: sample, in_manifold, distance, update_base ---------------------
+# Checked on every exported parametrization that declares the method (paramx/_src/core/manifold.py).
+def _declares(cls, name):
+    return callable(getattr(cls, name, None))
+
+
+SAMPLERS = [cls for cls in EXPORTED if _declares(cls, "sample")]
+RECENTRED = [cls for cls in EXPORTED if _declares(cls, "update_base")]
+
+
+def test_the_protocol_is_declared_somewhere():
+    # So that the tests below can fail: an empty list would make them vacuous.
+    assert px.Symmetric in SAMPLERS and px.Orthogonal in RECENTRED
+
+
+@pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_samples_lie_in_the_set_and_right_inverse_is_exact_on_them(cls, dtype):
+    p = cls()
+    shape = (3, *suitable_shape(p))  # a batch of three
+    x = p.sample(jax.random.key(0), shape, dtype)
+    assert x.shape == shape and x.dtype == dtype
+    if _declares(cls, "in_manifold"):
+        assert bool(jnp.all(p.in_manifold(x)))
+    if _declares(cls, "distance"):
+        assert float(jnp.max(p.distance(x))) <= 10 * shape[-1] * jnp.finfo(dtype).eps * 10
+    node = px.tensor.register(x, p, batch_axes=1)
+    assert_close(px.tensor.materialize(node), x, scale=10)
+    # The sampler is an nn.initializers-style function too.
+    w = px.sampler(p)(jax.random.key(1), shape[1:], dtype)
+    assert w.shape == shape[1:] and w.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c in SAMPLERS if _declares(c, "in_manifold")], ids=lambda c: c.__name__
+)
+def test_in_manifold_can_say_no(cls):
+    p = cls()
+    shape = suitable_shape(p)
+    x = p.sample(jax.random.key(0), shape, jnp.float64)
+    off = x + 0.5 * jax.random.normal(jax.random.key(1), shape, jnp.float64)
+    if _declares(cls, "distance"):
+        assert float(p.distance(off)) > 1e-3
+    assert not bool(p.in_manifold(off))
+
+
+@pytest.mark.parametrize("cls", RECENTRED, ids=lambda c: c.__name__)
+def test_update_base_keeps_the_value(cls):
+    p = cls()
+    shape = suitable_shape(p, ((4, 4), (5, 3)))
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+    node = px.tensor.register(x, p)
+    moved = node.replace(
+        originals=tuple(
+            o + 0.2 * jax.random.normal(jax.random.key(2), o.shape, o.dtype) for o in node.originals
+        )
+    )
+    before = px.tensor.materialize(moved)
+    tree = px.update_base({"w": moved})
+    assert_close(px.materialize(tree)["w"], before, scale=100)
+    params, state = px.split_state({"w": moved})
+    params2, state2 = px.update_base(params, state=state)
+    assert_close(px.materialize(params2, state2)["w"], before, scale=100)

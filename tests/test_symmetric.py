@@ -97,3 +97,21 @@ def test_torch_state_dict_holds_torchs_upper_triangle_and_round_trips():
     np.testing.assert_array_equal(
         px.materialize(back)["fc"]["kernel"], px.materialize(tree)["fc"]["kernel"]
     )
+
+
+def test_samples_follow_the_gaussian_orthogonal_ensemble():
+    s = px.Symmetric().sample(jax.random.key(0), (4000, 3, 3), jnp.float64)
+    np.testing.assert_array_equal(s, jnp.swapaxes(s, -1, -2))
+    diag = s[:, jnp.arange(3), jnp.arange(3)].ravel()
+    upper = s[:, 0, 1:].ravel()
+    # 12,000 and 8,000 draws: the sample variance is within 5% of 1 and 1/2 (about 4 sigma).
+    assert abs(float(jnp.var(diag)) - 1.0) < 0.05 and abs(float(jnp.mean(diag))) < 0.05
+    assert abs(float(jnp.var(upper)) - 0.5) < 0.025 and abs(float(jnp.mean(upper))) < 0.04
+    # Entries above the diagonal are uncorrelated with each other and with the diagonal.
+    assert abs(float(jnp.corrcoef(s[:, 0, 1], s[:, 0, 2])[0, 1])) < 0.06
+    assert abs(float(jnp.corrcoef(s[:, 0, 1], s[:, 0, 0])[0, 1])) < 0.06
+
+
+def test_sampler_without_sample_says_what_to_do():
+    with pytest.raises(TypeError, match="no `sample"):
+        px.sampler(px.WeightNorm())

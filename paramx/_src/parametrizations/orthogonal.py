@@ -311,6 +311,16 @@ class Orthogonal:
             q = _mT(q)
         return q.astype(dtype)
 
+    def update_base(self, x: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
+        """Dynamic trivialization (``paramx.update_base``): the base becomes the current value
+        and the original the chart's centre, so the value is kept (projected back onto the
+        orthogonal matrices if training moved it off by rounding). Without trivialization
+        there is no base, and nothing changes."""
+        if not self.use_trivialization:
+            return x, state
+        value = self.forward(x, params=params, state=state)
+        return self.right_inverse(value, params=params, state=state)
+
     def right_inverse(self, q: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         name = self.map_for(q)
         self._check_shape(q, state)

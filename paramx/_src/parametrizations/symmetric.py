@@ -69,6 +69,32 @@ class Symmetric:
         half = jnp.asarray(0.5, value.dtype)
         return jnp.tril((value + jnp.swapaxes(value, -1, -2)) * half)
 
+    # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
+    def sample(self, key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+        """The Gaussian orthogonal ensemble: ``(G + Gᵀ)/2`` for a standard normal ``G``, so the
+        diagonal is N(0, 1) and each entry above it N(0, 1/2); leading axes of ``shape`` are a
+        batch."""
+        dtype = jnp.dtype(dtype)
+        g = jax.random.normal(key, tuple(shape), numerics.compute_dtype(dtype))
+        _check_square(g)
+        return ((g + jnp.swapaxes(g, -1, -2)) / 2).astype(dtype)
+
+    def distance(self, x: jax.Array) -> jax.Array:
+        """The Frobenius distance to the nearest symmetric matrix, ``‖(X − Xᵀ)/2‖``."""
+        _check_square(x)
+        d = (x - jnp.swapaxes(x, -1, -2)).astype(numerics.compute_dtype(x.dtype)) / 2
+        return jnp.sqrt(jnp.sum(jnp.abs(d) ** 2, axis=(-2, -1)))
+
+    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+        """Whether each matrix equals its transpose, entry by entry, to ``atol`` (default
+        ``10·n·eps`` times the largest entry, at least 1)."""
+        _check_square(x)
+        if atol is None:
+            scale = jnp.maximum(jnp.max(jnp.abs(x), axis=(-2, -1)), 1)
+            atol = 10 * x.shape[-1] * float(jnp.finfo(x.dtype).eps) * scale
+        gap = jnp.max(jnp.abs(x - jnp.swapaxes(x, -1, -2)), axis=(-2, -1))
+        return gap <= atol
+
     # ----- paramx.nnx: its function (paramx._src.integrations.nnx.wrappers) ---------------
     torch_function = "symmetric"
     torch_function_positional = ()
