@@ -62,8 +62,12 @@ from paramx._src.integrations.optax import param_labels as param_labels
 from paramx._src.integrations.optax import param_mask as param_mask
 from paramx._src.parametrizations.orthogonal import Orthogonal as Orthogonal
 from paramx._src.parametrizations.orthogonal import orthogonal as orthogonal
+from paramx._src.parametrizations.skew import Skew as Skew
+from paramx._src.parametrizations.skew import skew as skew
 from paramx._src.parametrizations.spectral_norm import SpectralNorm as SpectralNorm
 from paramx._src.parametrizations.spectral_norm import spectral_norm as spectral_norm
+from paramx._src.parametrizations.sphere import Sphere as Sphere
+from paramx._src.parametrizations.sphere import sphere as sphere
 from paramx._src.parametrizations.symmetric import Symmetric as Symmetric
 from paramx._src.parametrizations.symmetric import symmetric as symmetric
 from paramx._src.parametrizations.weight_norm import WeightNorm as WeightNorm
@@ -75,7 +79,9 @@ __all__ = [
     "Orthogonal",
     "Parametrization",
     "Parametrized",
+    "Skew",
     "SpectralNorm",
+    "Sphere",
     "Symmetric",
     "WeightNorm",
     "assign",
@@ -92,7 +98,9 @@ __all__ = [
     "register_parametrization",
     "remove_parametrizations",
     "sampler",
+    "skew",
     "spectral_norm",
+    "sphere",
     "split_state",
     "summary",
     "symmetric",

@@ -6,9 +6,11 @@ Imports the core only. :data:`BUILTINS` lists the built-in parametrization class
 """
 
 from paramx._src.parametrizations.orthogonal import Orthogonal
+from paramx._src.parametrizations.skew import Skew
 from paramx._src.parametrizations.spectral_norm import SpectralNorm
+from paramx._src.parametrizations.sphere import Sphere
 from paramx._src.parametrizations.symmetric import Symmetric
 from paramx._src.parametrizations.weight_norm import WeightNorm
 
-BUILTINS: tuple[type, ...] = (Orthogonal, SpectralNorm, WeightNorm, Symmetric)
+BUILTINS: tuple[type, ...] = (Orthogonal, SpectralNorm, WeightNorm, Symmetric, Skew, Sphere)
 """The built-in parametrization classes."""
