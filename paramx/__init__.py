@@ -28,11 +28,14 @@ Examples:
 
 Namespaces: ``paramx.linen`` (``Parametrize``, declared in a linen model), ``paramx.nnx``
 (torch's in-place API on NNX modules), ``paramx.interop`` (PyTorch ``state_dict`` files),
-``paramx.tensor`` (register / materialize / assign / remove on one array or node). The
+``paramx.tensor`` (register / materialize / assign / remove on one array or node),
+``paramx.constraints`` (the catalogue of constraints beyond torch's three: symmetric, skew,
+sphere, positive, simplex, special orthogonal, Cholesky, positive definite, ...). The
 guides are ``README.md``, ``docs/design.md`` and ``docs/flax.md``; the API reference is built
 from these docstrings with ``mkdocs build`` (``mkdocs.yml``).
 """
 
+from paramx import constraints as constraints
 from paramx import interop as interop
 from paramx import linen as linen
 from paramx import nnx as nnx
@@ -62,14 +65,8 @@ from paramx._src.integrations.optax import param_labels as param_labels
 from paramx._src.integrations.optax import param_mask as param_mask
 from paramx._src.parametrizations.orthogonal import Orthogonal as Orthogonal
 from paramx._src.parametrizations.orthogonal import orthogonal as orthogonal
-from paramx._src.parametrizations.skew import Skew as Skew
-from paramx._src.parametrizations.skew import skew as skew
 from paramx._src.parametrizations.spectral_norm import SpectralNorm as SpectralNorm
 from paramx._src.parametrizations.spectral_norm import spectral_norm as spectral_norm
-from paramx._src.parametrizations.sphere import Sphere as Sphere
-from paramx._src.parametrizations.sphere import sphere as sphere
-from paramx._src.parametrizations.symmetric import Symmetric as Symmetric
-from paramx._src.parametrizations.symmetric import symmetric as symmetric
 from paramx._src.parametrizations.weight_norm import WeightNorm as WeightNorm
 from paramx._src.parametrizations.weight_norm import weight_norm as weight_norm
 
@@ -79,10 +76,7 @@ __all__ = [
     "Orthogonal",
     "Parametrization",
     "Parametrized",
-    "Skew",
     "SpectralNorm",
-    "Sphere",
-    "Symmetric",
     "WeightNorm",
     "assign",
     "get_parametrized",
@@ -98,12 +92,9 @@ __all__ = [
     "register_parametrization",
     "remove_parametrizations",
     "sampler",
-    "skew",
     "spectral_norm",
-    "sphere",
     "split_state",
     "summary",
-    "symmetric",
     "transfer_parametrizations_and_params",
     "update_base",
     "weight_norm",
@@ -112,4 +103,4 @@ __all__ = [
 
 def __dir__() -> list[str]:
     # help(paramx) and dir(paramx) show the public surface, not the private modules.
-    return sorted([*__all__, "__version__", "interop", "linen", "nnx", "tensor"])
+    return sorted([*__all__, "__version__", "constraints", "interop", "linen", "nnx", "tensor"])

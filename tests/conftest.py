@@ -46,15 +46,16 @@ def key():
 def exported_parametrizations() -> list[type]:
     """Every parametrization class that ``paramx`` exports, found by looking, not listed.
 
-    A class in ``paramx.__all__`` counts when it defines a ``forward`` method and builds with
-    no arguments (its default options). The conformance and full-precision tests run on each,
+    A class in ``paramx.__all__`` or ``paramx.constraints.__all__`` counts when it defines a
+    ``forward`` method and builds with no arguments (its default options). The conformance and full-precision tests run on each,
     so a new built-in exported from ``paramx`` is covered without editing them.
     """
     import paramx as px
 
     found = []
-    for name in px.__all__:
-        obj = getattr(px, name)
+    exported = [getattr(px, n) for n in px.__all__]
+    exported += [getattr(px.constraints, n) for n in px.constraints.__all__]
+    for obj in exported:
         if not isinstance(obj, type) or not callable(getattr(obj, "forward", None)):
             continue
         try:

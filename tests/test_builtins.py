@@ -405,6 +405,8 @@ def test_every_exported_parametrization_multiplies_at_full_precision(cls):
     # product at all (weight norm runs none); every product they do run asks for HIGHEST.
     shape = suitable_shape(cls(), ((6, 4), (5, 5)))
     w = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    if callable(getattr(cls, "sample", None)):  # a point of the set (positive, ordered, ...)
+        w = cls().sample(jax.random.key(0), shape, jnp.float32)
     register = lambda x: px.register_parametrization({"w": x}, "w", cls(), key=jax.random.key(1))
     tree = register(w)
     params, state = px.split_state(tree)

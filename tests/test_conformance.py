@@ -83,6 +83,8 @@ def _image_of(p):
     def sample(key, shape, dtype):
         work = jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
         x = jax.random.normal(key, shape, jnp.float32).astype(work)
+        if callable(getattr(p, "sample", None)):  # a point of the set (positive, ordered, ...)
+            x = p.sample(key, shape, work)
         tree = px.register_parametrization({"w": x}, "w", p, key=jax.random.fold_in(key, 1))
         return px.materialize(tree)["w"].astype(dtype)
 
@@ -252,7 +254,7 @@ RECENTRED = [cls for cls in EXPORTED if _declares(cls, "update_base")]
 
 def test_the_protocol_is_declared_somewhere():
     # So that the tests below can fail: an empty list would make them vacuous.
-    assert px.Symmetric in SAMPLERS and px.Orthogonal in RECENTRED
+    assert px.constraints.Symmetric in SAMPLERS and px.Orthogonal in RECENTRED
 
 
 @pytest.mark.parametrize("cls", SAMPLERS, ids=lambda c: c.__name__)

@@ -9,7 +9,7 @@ from conftest import run_python
 
 import paramx as px
 
-NAMESPACES = ["linen", "nnx", "interop", "tensor"]
+NAMESPACES = ["linen", "nnx", "interop", "tensor", "constraints"]
 
 
 def _public_names():
@@ -38,7 +38,8 @@ import doctest, importlib, pkgutil, sys
 import paramx
 infos = pkgutil.walk_packages(paramx._src.__path__, "paramx._src.")
 mods = [paramx] + [importlib.import_module(m.name) for m in infos]
-mods += [importlib.import_module("paramx." + n) for n in ("linen", "nnx", "interop", "tensor")]
+names = ("linen", "nnx", "interop", "tensor", "constraints")
+mods += [importlib.import_module("paramx." + n) for n in names]
 flags = doctest.NORMALIZE_WHITESPACE
 results = [doctest.testmod(m, optionflags=flags) for m in mods]
 print("attempted", sum(r.attempted for r in results))
@@ -67,6 +68,6 @@ def test_help_gives_an_overview_and_hides_private_modules():
         if section.startswith(("PACKAGE CONTENTS", "SUBMODULES"))
         for line in section.splitlines()[1:]
     ]
-    assert {"interop", "linen", "nnx", "tensor"} <= set(listed), listed
+    assert {"constraints", "interop", "linen", "nnx", "tensor"} <= set(listed), listed
     private = [name for name in listed if name.startswith("_")]
     assert not private, f"help(paramx) lists private modules: {private}"

@@ -1,4 +1,4 @@
-"""paramx.symmetric: the parametrization added by following docs/design.md's guide."""
+"""paramx.constraints.symmetric: the parametrization added by following docs/design.md's guide."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _kernel(shape=(4, 4), seed=0, dtype=jnp.float32):
 
 def test_the_value_is_symmetric_and_registration_keeps_the_symmetric_part():
     k = _kernel()
-    tree = px.symmetric({"kernel": k}, "kernel")
+    tree = px.constraints.symmetric({"kernel": k}, "kernel")
     w = jax.jit(px.materialize)(tree)["kernel"]
     np.testing.assert_array_equal(w, w.T)
     np.testing.assert_allclose(w, (k + k.T) / 2, rtol=1e-6)
@@ -29,7 +29,7 @@ def test_the_value_is_symmetric_and_registration_keeps_the_symmetric_part():
 
 def test_right_inverse_is_exact_on_symmetric_values_and_assignment_projects():
     s = _kernel() + _kernel().T
-    tree = px.symmetric({"w": s}, "w")
+    tree = px.constraints.symmetric({"w": s}, "w")
     np.testing.assert_array_equal(px.materialize(tree)["w"], s)
     a = _kernel(seed=1)
     assigned = px.materialize(px.assign(tree, "w", a))["w"]
@@ -37,7 +37,7 @@ def test_right_inverse_is_exact_on_symmetric_values_and_assignment_projects():
 
 
 def test_only_the_lower_triangle_is_learned():
-    tree = px.symmetric({"w": _kernel()}, "w")
+    tree = px.constraints.symmetric({"w": _kernel()}, "w")
     params, _ = px.split_state(tree)
     grads = jax.grad(lambda p: jnp.sum(px.materialize(p)["w"] * _kernel(seed=2)))(params)
     g = grads["w"].original
@@ -47,10 +47,10 @@ def test_only_the_lower_triangle_is_learned():
 
 def test_stacks_and_conv_kernels_are_symmetric_per_matrix():
     conv = _kernel((3, 3, 4, 4))
-    w = px.materialize(px.symmetric({"k": conv}, "k"))["k"]
+    w = px.materialize(px.constraints.symmetric({"k": conv}, "k"))["k"]
     np.testing.assert_array_equal(w, jnp.swapaxes(w, -1, -2))
     stack = _kernel((5, 4, 4))
-    node = px.symmetric({"k": stack}, "k", batch_axes=1)["k"]
+    node = px.constraints.symmetric({"k": stack}, "k", batch_axes=1)["k"]
     assert node.batch_shape == (5,)
     np.testing.assert_allclose(
         px.tensor.materialize(node), (stack + jnp.swapaxes(stack, -1, -2)) / 2, rtol=1e-6
@@ -60,17 +60,17 @@ def test_stacks_and_conv_kernels_are_symmetric_per_matrix():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
 def test_dtypes_are_kept(dtype):
     k = _kernel(dtype=jnp.float32).astype(dtype)
-    w = px.materialize(px.symmetric({"w": k}, "w"))["w"]
+    w = px.materialize(px.constraints.symmetric({"w": k}, "w"))["w"]
     assert w.dtype == dtype
     np.testing.assert_array_equal(w, w.T)
 
 
 def test_bad_tensors_are_refused_with_the_path():
     with pytest.raises(ValueError, match=r"square.*\(at fc/kernel\)"):
-        px.symmetric({"fc": {"kernel": jnp.ones((3, 4))}}, "fc/kernel")
+        px.constraints.symmetric({"fc": {"kernel": jnp.ones((3, 4))}}, "fc/kernel")
     with pytest.raises(TypeError, match=r"floating-point"):
-        px.symmetric({"w": jnp.ones((3, 3), jnp.int32)}, "w")
-    tree = px.symmetric({"w": jnp.eye(3)}, "w")
+        px.constraints.symmetric({"w": jnp.ones((3, 3), jnp.int32)}, "w")
+    tree = px.constraints.symmetric({"w": jnp.eye(3)}, "w")
     with pytest.raises(ValueError, match=r"(?i)shape"):
         px.assign(tree, "w", jnp.eye(4))
 
@@ -86,7 +86,7 @@ def test_nnx_gets_a_symmetric_function_from_the_declaration_alone():
 
 def test_torch_state_dict_holds_torchs_upper_triangle_and_round_trips():
     k = _kernel()
-    tree = px.symmetric({"fc": {"kernel": k}}, "fc/kernel")
+    tree = px.constraints.symmetric({"fc": {"kernel": k}}, "fc/kernel")
     sd = interop.to_torch_state_dict(tree)
     original = np.asarray(sd["fc.parametrizations.weight.original"])
     # torch's usual Symmetric reads X.triu() of its (out, in) weight's original.
@@ -100,7 +100,7 @@ def test_torch_state_dict_holds_torchs_upper_triangle_and_round_trips():
 
 
 def test_samples_follow_the_gaussian_orthogonal_ensemble():
-    s = px.Symmetric().sample(jax.random.key(0), (4000, 3, 3), jnp.float64)
+    s = px.constraints.Symmetric().sample(jax.random.key(0), (4000, 3, 3), jnp.float64)
     np.testing.assert_array_equal(s, jnp.swapaxes(s, -1, -2))
     diag = s[:, jnp.arange(3), jnp.arange(3)].ravel()
     upper = s[:, 0, 1:].ravel()

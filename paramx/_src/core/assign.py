@@ -95,6 +95,7 @@ def assign_tensor(node: Parametrized, value: Any, *, label: str = "<tensor>") ->
 
 
 def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
+    checks.check_value(node.chain[-1], value, where_s)
     with checks.at_path(where_s):
         work = functools.partial(_assign_one, where_s=where_s)
         out: Parametrized = sharding.run_auto(work, node, value)

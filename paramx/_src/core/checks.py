@@ -149,3 +149,20 @@ def check_assigned(new: Any, node: Parametrized, *, where: str) -> tuple[Any, ..
                 f"`original{i}` has dtype {jnp.dtype(orig.dtype).name}. (at {where})"
             )
     return tuple(jnp.asarray(x) for x in new)
+
+
+def check_value(p: Any, value: Any, where: str) -> None:
+    """Runs a link's declared ``check_value(value)`` on a concrete value, eagerly.
+
+    A parametrization whose set is open (positive, an interval, strictly increasing) cannot
+    map a value outside it anywhere sensible, and the check needs concrete values: under
+    ``jit`` or ``vmap`` (stacks, compiled registration) it cannot run. Callers run this before
+    they trace, so the value a user gives is checked whatever runs next.
+    """
+    fn = getattr(p, "check_value", None)
+    if not (callable(fn) and callable(getattr(p, "forward", None))):
+        return
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, (jax.Array, np.ndarray)):
+        return
+    with at_path(where):
+        fn(value)

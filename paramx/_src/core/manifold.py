@@ -74,7 +74,7 @@ def sampler(parametrization: Any) -> Callable[..., jax.Array]:
       >>> import jax
       >>> import jax.numpy as jnp
       >>> import paramx as px
-      >>> init = px.sampler(px.Symmetric())
+      >>> init = px.sampler(px.constraints.Symmetric())
       >>> w = init(jax.random.key(0), (3, 3))
       >>> bool(jnp.array_equal(w, w.T))
       True

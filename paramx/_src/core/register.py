@@ -146,6 +146,15 @@ def register_tensor(
     return _register_leaf(leaf, parametrization, unsafe, key, batch_axes, label)
 
 
+def check_input(p: Any, leaf: Any, where: str) -> None:
+    """The link's declared ``check_value`` on what it will be registered on (the leaf, or a
+    node's current value when appending), run eagerly on concrete values."""
+    if not callable(getattr(p, "check_value", None)):
+        return
+    value = ch.node_value(leaf, where=where)[0] if is_node(leaf) else leaf
+    checks.check_value(p, value, where)
+
+
 def _check_options(parametrization: Any, unsafe: Any, batch_axes: Any) -> None:
     pz.check_parametrization(parametrization)
     if isinstance(unsafe, bool) is False:
@@ -160,6 +169,7 @@ def _check_options(parametrization: Any, unsafe: Any, batch_axes: Any) -> None:
 def _register_leaf(
     leaf: Any, p: Any, unsafe: bool, key: jax.Array, batch_axes: int, where: str
 ) -> Parametrized:
+    check_input(p, leaf, where)
     step = _append if is_node(leaf) else _first
     # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
     # otherwise); the new node's arrays keep their inputs' shardings.

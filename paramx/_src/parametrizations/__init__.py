@@ -5,12 +5,39 @@ Imports the core only. :data:`BUILTINS` lists the built-in parametrization class
 (``torch_function``).
 """
 
+from paramx._src.parametrizations.cholesky import Cholesky, CorrelationCholesky
+from paramx._src.parametrizations.ordered import Ordered
 from paramx._src.parametrizations.orthogonal import Orthogonal
+from paramx._src.parametrizations.positive import Interval, Positive
+from paramx._src.parametrizations.psd import (
+    PositiveDefinite,
+    PositiveSemidefinite,
+    PositiveSemidefiniteLowRank,
+)
+from paramx._src.parametrizations.simplex import Simplex
 from paramx._src.parametrizations.skew import Skew
+from paramx._src.parametrizations.special_orthogonal import SpecialOrthogonal
 from paramx._src.parametrizations.spectral_norm import SpectralNorm
 from paramx._src.parametrizations.sphere import Sphere
 from paramx._src.parametrizations.symmetric import Symmetric
 from paramx._src.parametrizations.weight_norm import WeightNorm
 
-BUILTINS: tuple[type, ...] = (Orthogonal, SpectralNorm, WeightNorm, Symmetric, Skew, Sphere)
+BUILTINS: tuple[type, ...] = (
+    Orthogonal,
+    SpectralNorm,
+    WeightNorm,
+    Symmetric,
+    Skew,
+    Sphere,
+    Positive,
+    Interval,
+    Simplex,
+    Ordered,
+    SpecialOrthogonal,
+    Cholesky,
+    CorrelationCholesky,
+    PositiveDefinite,
+    PositiveSemidefinite,
+    PositiveSemidefiniteLowRank,
+)
 """The built-in parametrization classes."""

@@ -337,6 +337,106 @@ class Orthogonal:
         neg_id = -_eye_like(q)
         return neg_id, {"base": self._base(q)}
 
+    # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
+    def sample(
+        self,
+        key: jax.Array,
+        shape: Any,
+        dtype: Any = jnp.float32,
+        distribution: str = "uniform",
+    ) -> jax.Array:
+        """Points that ``forward`` can produce, for a tensor of ``shape`` (leading axes a batch).
+
+        ``"uniform"`` (the default) is the Haar measure: for a square shape, Haar on O(n)
+        (real) or U(n) (complex); otherwise uniform on the Stiefel manifold, the first k
+        columns of a Haar n x n matrix (n = the larger, k = the smaller of the last two
+        axes). It is the Q factor of a standard (complex) Gaussian n x k matrix with R's
+        diagonal made positive (without that sign correction QR's Q is not Haar). The
+        orientation is ``forward``'s: a Flax kernel (in, out) with in <= out gets orthonormal
+        rows, a strictly tall one orthonormal columns. ``"torus"`` (geotorch's second
+        choice) draws from the standard maximal torus: 2 x 2 rotation blocks down the
+        diagonal (a 1 last for odd n) with angles uniform on [-pi, pi), or, for complex
+        dtypes, diagonal phases; again the first k columns, in ``forward``'s orientation.
+
+        Examples:
+          >>> import jax, jax.numpy as jnp
+          >>> import paramx as px
+          >>> q = px.Orthogonal().sample(jax.random.key(0), (2, 3, 5))  # 2 Dense kernels
+          >>> bool(jnp.allclose(q @ jnp.swapaxes(q, -1, -2), jnp.eye(3), atol=1e-5))
+          True
+          >>> px.Orthogonal().in_manifold(q)
+          Array([ True,  True], dtype=bool)
+        """
+        shape, dtype = tuple(shape), jnp.dtype(dtype)
+        if len(shape) < 2:
+            raise ValueError(
+                f"Orthogonal.sample needs a shape of at least 2 axes (a matrix, or a batch of "
+                f"them); got {shape}."
+            )
+        numerics.check_dtype(jax.ShapeDtypeStruct(shape, dtype), _OWNER)
+        if distribution not in ("uniform", "torus"):
+            raise ValueError(
+                f'Orthogonal.sample: distribution must be "uniform" (Haar) or "torus"; got '
+                f"{distribution!r}."
+            )
+        rows, cols = shape[-2:]
+        n, k, batch = max(rows, cols), min(rows, cols), shape[:-2]
+        cdt = compute_dtype(dtype)
+        complex_ = jnp.issubdtype(cdt, jnp.complexfloating)
+        if distribution == "uniform":
+            q = _make_orthogonal(jax.random.normal(key, (*batch, n, k), cdt))
+        else:
+            real = jnp.finfo(cdt).dtype
+            if complex_:
+                theta = jax.random.uniform(key, (*batch, n), real, -jnp.pi, jnp.pi)
+                phase = jax.lax.complex(jnp.cos(theta), jnp.sin(theta)).astype(cdt)
+                q = jnp.broadcast_to(jnp.eye(n, dtype=cdt), (*batch, n, n)) * phase[..., None, :]
+            else:
+                theta = jax.random.uniform(key, (*batch, n // 2), real, -jnp.pi, jnp.pi)
+                c, s = jnp.cos(theta), jnp.sin(theta)
+                even, odd = jnp.arange(0, 2 * (n // 2), 2), jnp.arange(1, 2 * (n // 2), 2)
+                q = jnp.broadcast_to(jnp.eye(n, dtype=cdt), (*batch, n, n))
+                q = q.at[..., even, even].set(c).at[..., odd, odd].set(c)
+                q = q.at[..., even, odd].set(-s).at[..., odd, even].set(s)
+            q = q[..., :k]
+        if rows <= cols:
+            q = _mT(q)
+        return q.astype(dtype)
+
+    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+        """Whether each matrix is a value ``forward`` can produce: orthonormal columns when it is
+        strictly tall, orthonormal rows otherwise (every entry of ``|QᴴQ - I|``, resp.
+        ``|QQᴴ - I|``, at most ``atol``; default ``10·n·eps`` of ``x``'s dtype, n the larger
+        dimension). One bool per matrix of the batch."""
+        if len(x.shape) < 2:
+            raise ValueError(
+                f"Orthogonal expects a matrix or batch of matrices; got a tensor of "
+                f"{len(x.shape)} dimensions."
+            )
+        numerics.check_dtype(x, "orthogonal")
+        t = x.astype(compute_dtype(x.dtype))
+        if _flip(t):
+            t = _mT(t)
+        n, k = t.shape[-2:]
+        if atol is None:
+            atol = 10 * n * float(jnp.finfo(x.dtype).eps)
+        gram = matmul(_mH(t), t)
+        err = jnp.abs(gram - jnp.broadcast_to(jnp.eye(k, dtype=t.dtype), gram.shape))
+        return jnp.max(err, axis=(-2, -1), initial=0.0) <= atol
+
+    def distance(self, x: jax.Array) -> jax.Array:
+        """The Frobenius distance to the nearest value ``forward`` can produce (the polar
+        factor of ``x`` in ``forward``'s orientation): ``sqrt(sum_i (sigma_i - 1)^2)`` over the
+        singular values of ``x``; 0 on the set. Computed in float32 for narrower dtypes."""
+        if len(x.shape) < 2:
+            raise ValueError(
+                f"Orthogonal expects a matrix or batch of matrices; got a tensor of "
+                f"{len(x.shape)} dimensions."
+            )
+        numerics.check_dtype(x, "orthogonal")
+        s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
+        return jnp.sqrt(jnp.sum(jnp.square(s - 1), axis=-1))
+
     # ----- helpers -------------------------------------------------------------------------
     def _check_shape(self, q: Any, state: Any) -> None:
         """torch's shape check on assignment, as far as the state (the base) tells the shape."""

@@ -40,7 +40,7 @@ def _check_square(x: jax.Array) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Symmetric:
-    """The symmetric-matrix parametrization; register it with :func:`paramx.symmetric`.
+    """The symmetric-matrix parametrization; register it with :func:`paramx.constraints.symmetric`.
 
     Attributes:
       name: The display name.
@@ -49,7 +49,7 @@ class Symmetric:
       >>> import jax.numpy as jnp
       >>> import paramx as px
       >>> tree = px.register_parametrization(
-      ...     {"kernel": jnp.array([[1.0, 0.0], [2.0, 3.0]])}, "kernel", px.Symmetric())
+      ...     {"kernel": jnp.array([[1.0, 0.0], [2.0, 3.0]])}, "kernel", px.constraints.Symmetric())
       >>> px.materialize(tree)["kernel"]
       Array([[1., 1.],
              [1., 3.]], dtype=float32)
@@ -103,7 +103,7 @@ class Symmetric:
     traceable = True
     nnx_doc = """Makes ``module.<name>`` a symmetric matrix, in place.
 
-    Registers :class:`paramx.Symmetric`: the original (an ``nnx.Param``) holds the lower
+    Registers :class:`paramx.constraints.Symmetric`: the original (an ``nnx.Param``) holds the lower
     triangle, and the value is its mirror image. Registration and assignment replace a value
     by its symmetric part ``(A + Aᵀ)/2``.
 
@@ -126,7 +126,8 @@ class Symmetric:
 
 
 def symmetric(tree: Any, where: Any, *, batch_axes: int = 0) -> Any:
-    """Registers :class:`paramx.Symmetric`: the selected square matrices become symmetric.
+    """Registers :class:`paramx.constraints.Symmetric`: the selected square matrices become
+    symmetric.
 
     Args:
       tree: The tree to register on.
@@ -146,7 +147,7 @@ def symmetric(tree: Any, where: Any, *, batch_axes: int = 0) -> Any:
       >>> import jax.numpy as jnp
       >>> import paramx as px
       >>> kernel = jax.random.normal(jax.random.key(0), (3, 3))
-      >>> tree = px.symmetric({"kernel": kernel}, "kernel")
+      >>> tree = px.constraints.symmetric({"kernel": kernel}, "kernel")
       >>> k = px.materialize(tree)["kernel"]
       >>> bool(jnp.array_equal(k, k.T)), bool(jnp.allclose(k, (kernel + kernel.T) / 2))
       (True, True)

@@ -27,9 +27,10 @@ import jax
 
 from paramx._src.core import checks
 from paramx._src.core.assign import assign_tensor
+from paramx._src.core.checks import check_value
 from paramx._src.core.materialize import materialize_tensor
 from paramx._src.core.node import Parametrized
-from paramx._src.core.register import register_tensor
+from paramx._src.core.register import check_input, register_tensor
 from paramx._src.core.remove import remove_tensor
 
 
@@ -106,6 +107,8 @@ def register(
 ) -> tuple[Parametrized, bool]:
     """``register_tensor`` on an array or a node (appending); see the module docstring."""
     chain = (*(value.chain if isinstance(value, Parametrized) else ()), parametrization)
+    # Value checks need concrete values, so they run here, before anything is traced.
+    check_input(parametrization, value, label)
     static = dict(
         parametrization=parametrization, unsafe=unsafe, batch_axes=batch_axes, label=label
     )
@@ -114,6 +117,7 @@ def register(
 
 def assign(node: Parametrized, value: Any, label: str, eager: bool) -> tuple[Parametrized, bool]:
     """``assign_tensor``; see the module docstring."""
+    check_value(node.chain[-1], value, label)
     return _call(_assign, _ASSIGN, (node, value), dict(label=label), eager)
 
 

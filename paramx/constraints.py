@@ -1,0 +1,84 @@
+"""The constraint catalogue: every parametrization beyond torch's three built-ins.
+
+Each is a frozen dataclass (register it with :func:`paramx.register_parametrization`, chain it,
+use it in ``paramx.linen.Parametrize``) and a tree function of the same name in lower case
+(``constraints.positive(tree, "params/scale")``); ``paramx.nnx`` has a function of that name for
+NNX modules. Each also has ``sample`` (its documented distribution; :func:`paramx.sampler` makes
+an initializer of it), ``in_manifold`` and ``distance``, and its ``right_inverse`` is exact on the
+set and, off it, the nearest point where one exists (otherwise registration raises, naming the
+path). The README's table lists them with their geotorch names.
+
+Examples:
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> import paramx as px
+  >>> from paramx import constraints
+  >>> tree = {"cov": jnp.array([[2.0, 0.5], [0.5, 1.0]]), "w": jnp.array([0.2, 0.3, 0.5])}
+  >>> tree = constraints.positive_definite(tree, "cov")
+  >>> tree = constraints.simplex(tree, "w")
+  >>> plain = px.materialize(tree)
+  >>> bool(jnp.allclose(plain["w"], jnp.array([0.2, 0.3, 0.5]), atol=1e-6))
+  True
+  >>> bool(constraints.PositiveDefinite().in_manifold(plain["cov"]))
+  True
+"""
+
+from paramx._src.parametrizations.cholesky import Cholesky as Cholesky
+from paramx._src.parametrizations.cholesky import CorrelationCholesky as CorrelationCholesky
+from paramx._src.parametrizations.cholesky import cholesky as cholesky
+from paramx._src.parametrizations.cholesky import correlation_cholesky as correlation_cholesky
+from paramx._src.parametrizations.ordered import Ordered as Ordered
+from paramx._src.parametrizations.ordered import ordered as ordered
+from paramx._src.parametrizations.positive import Interval as Interval
+from paramx._src.parametrizations.positive import Positive as Positive
+from paramx._src.parametrizations.positive import interval as interval
+from paramx._src.parametrizations.positive import positive as positive
+from paramx._src.parametrizations.psd import PositiveDefinite as PositiveDefinite
+from paramx._src.parametrizations.psd import PositiveSemidefinite as PositiveSemidefinite
+from paramx._src.parametrizations.psd import (
+    PositiveSemidefiniteLowRank as PositiveSemidefiniteLowRank,
+)
+from paramx._src.parametrizations.psd import positive_definite as positive_definite
+from paramx._src.parametrizations.psd import positive_semidefinite as positive_semidefinite
+from paramx._src.parametrizations.psd import (
+    positive_semidefinite_low_rank as positive_semidefinite_low_rank,
+)
+from paramx._src.parametrizations.simplex import Simplex as Simplex
+from paramx._src.parametrizations.simplex import simplex as simplex
+from paramx._src.parametrizations.skew import Skew as Skew
+from paramx._src.parametrizations.skew import skew as skew
+from paramx._src.parametrizations.special_orthogonal import SpecialOrthogonal as SpecialOrthogonal
+from paramx._src.parametrizations.special_orthogonal import special_orthogonal as special_orthogonal
+from paramx._src.parametrizations.sphere import Sphere as Sphere
+from paramx._src.parametrizations.sphere import sphere as sphere
+from paramx._src.parametrizations.symmetric import Symmetric as Symmetric
+from paramx._src.parametrizations.symmetric import symmetric as symmetric
+
+__all__ = [
+    "Cholesky",
+    "CorrelationCholesky",
+    "Interval",
+    "Ordered",
+    "Positive",
+    "PositiveDefinite",
+    "PositiveSemidefinite",
+    "PositiveSemidefiniteLowRank",
+    "Simplex",
+    "Skew",
+    "SpecialOrthogonal",
+    "Sphere",
+    "Symmetric",
+    "cholesky",
+    "correlation_cholesky",
+    "interval",
+    "ordered",
+    "positive",
+    "positive_definite",
+    "positive_semidefinite",
+    "positive_semidefinite_low_rank",
+    "simplex",
+    "skew",
+    "special_orthogonal",
+    "sphere",
+    "symmetric",
+]
