@@ -47,8 +47,9 @@ def exported_parametrizations() -> list[type]:
     """Every parametrization class that ``paramx`` exports, found by looking, not listed.
 
     A class in ``paramx.__all__`` or ``paramx.constraints.__all__`` counts when it defines a
-    ``forward`` method and builds with no arguments (its default options). The conformance and full-precision tests run on each,
-    so a new built-in exported from ``paramx`` is covered without editing them.
+    ``forward`` method and builds with no arguments (its default options). The conformance and
+    full-precision tests run on each, so a new built-in exported from ``paramx`` is covered
+    without editing them.
     """
     import paramx as px
 

@@ -129,8 +129,7 @@ def test_every_builtin_that_declares_a_torch_function_is_offered():
     assert declared >= set(OLD_SIGNATURES)  # and any built-in added since (symmetric)
     assert declared <= set(pnx.__all__)
     exported = {
-        getattr(px, cls.__name__, None) or getattr(px.constraints, cls.__name__)
-        for cls in BUILTINS
+        getattr(px, cls.__name__, None) or getattr(px.constraints, cls.__name__) for cls in BUILTINS
     }
     assert exported == set(BUILTINS)  # the classes paramx (or paramx.constraints) exports
 
