@@ -183,7 +183,7 @@ class Cholesky:
         low = jnp.sum(jnp.minimum(diagonal(x), 0) ** 2, axis=-1)
         return jnp.sqrt(upper + low)
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix is lower triangular to ``atol`` (default ``10·n·eps`` times the
         largest entry, at least 1) with a positive diagonal."""
         check_square(x, _CHOLESKY)
@@ -359,7 +359,7 @@ class CorrelationCholesky:
         rows = jnp.where(d > 0, (norm - 1) ** 2, jnp.maximum(norm**2 + 1 - 2 * best, 0))
         return jnp.sqrt(jnp.sum(jnp.triu(x, 1) ** 2, axis=(-2, -1)) + jnp.sum(rows, axis=-1))
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix is lower triangular with rows of unit norm, to ``atol`` (default
         ``10·n·eps`` times the largest entry, at least 1), and a positive diagonal."""
         check_square(x, _CORR)

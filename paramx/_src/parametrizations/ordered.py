@@ -179,7 +179,7 @@ class Ordered:
         d = xc - isotonic_regression(xc, axis)
         return jnp.sqrt(jnp.sum(d**2, axis=_event_axes(x)))
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether every step along ``axis`` is ``>= -atol`` (the closed, non-decreasing set;
         default ``10·d·eps`` times the largest entry, at least 1), per matrix in the last two
         axes."""

@@ -154,7 +154,7 @@ class Positive:
         xc = x.astype(numerics.compute_dtype(x.dtype))
         return jnp.sqrt(jnp.sum(jnp.maximum(-xc, 0) ** 2, axis=_event_axes(x)))
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether every entry is ``>= -atol`` (default ``10·eps`` times the largest entry, at
         least ``10·eps``), per matrix in the last two axes. A softplus or exp that underflows
         gives exactly 0, which counts as in the set."""
@@ -317,7 +317,7 @@ class Interval:
         gap = jnp.maximum(self.low - xc, 0) + jnp.maximum(xc - self.high, 0)
         return jnp.sqrt(jnp.sum(gap**2, axis=_event_axes(x)))
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether every entry lies in ``[low − atol, high + atol]`` (default ``10·eps`` times
         the largest magnitude among the entries and bounds, at least ``10·eps``), per matrix in
         the last two axes."""

@@ -157,7 +157,7 @@ class PositiveDefinite:
         check_square(x, _PD)
         return _distance(x)
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix is symmetric to ``atol`` (default ``10·n·eps`` times the largest
         entry, at least 1) and its symmetric part has positive eigenvalues."""
         check_square(x, _PD)
@@ -284,7 +284,7 @@ class PositiveSemidefinite:
         check_square(x, _PSD)
         return _distance(x)
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix is symmetric and its eigenvalues are ``>= −atol`` (default
         ``10·n·eps`` times the largest entry, at least 1)."""
         check_square(x, _PSD)
@@ -443,7 +443,7 @@ class PositiveSemidefiniteLowRank:
         near = numerics.matmul(v * lam[..., None, :], _t(v))
         return jnp.sqrt(jnp.sum((x - near) ** 2, axis=(-2, -1)))
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix is symmetric, its eigenvalues are ``>= −atol`` and at most
         ``rank`` of them exceed ``atol`` (default ``10·n·eps`` times the largest entry, at
         least 1)."""

@@ -85,7 +85,7 @@ class Symmetric:
         d = (x - jnp.swapaxes(x, -1, -2)).astype(numerics.compute_dtype(x.dtype)) / 2
         return jnp.sqrt(jnp.sum(jnp.abs(d) ** 2, axis=(-2, -1)))
 
-    def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix equals its transpose, entry by entry, to ``atol`` (default
         ``10·n·eps`` times the largest entry, at least 1)."""
         _check_square(x)
