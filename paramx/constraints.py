@@ -27,12 +27,18 @@ from paramx._src.parametrizations.cholesky import Cholesky as Cholesky
 from paramx._src.parametrizations.cholesky import CorrelationCholesky as CorrelationCholesky
 from paramx._src.parametrizations.cholesky import cholesky as cholesky
 from paramx._src.parametrizations.cholesky import correlation_cholesky as correlation_cholesky
+from paramx._src.parametrizations.general_linear import Invertible as Invertible
+from paramx._src.parametrizations.general_linear import SpecialLinear as SpecialLinear
+from paramx._src.parametrizations.general_linear import invertible as invertible
+from paramx._src.parametrizations.general_linear import sln as sln
 from paramx._src.parametrizations.ordered import Ordered as Ordered
 from paramx._src.parametrizations.ordered import ordered as ordered
 from paramx._src.parametrizations.positive import Interval as Interval
 from paramx._src.parametrizations.positive import Positive as Positive
 from paramx._src.parametrizations.positive import interval as interval
 from paramx._src.parametrizations.positive import positive as positive
+from paramx._src.parametrizations.product import Product as Product
+from paramx._src.parametrizations.product import product as product
 from paramx._src.parametrizations.psd import PositiveDefinite as PositiveDefinite
 from paramx._src.parametrizations.psd import PositiveSemidefinite as PositiveSemidefinite
 from paramx._src.parametrizations.psd import (
@@ -58,26 +64,32 @@ __all__ = [
     "Cholesky",
     "CorrelationCholesky",
     "Interval",
+    "Invertible",
     "Ordered",
     "Positive",
     "PositiveDefinite",
     "PositiveSemidefinite",
     "PositiveSemidefiniteLowRank",
+    "Product",
     "Simplex",
     "Skew",
+    "SpecialLinear",
     "SpecialOrthogonal",
     "Sphere",
     "Symmetric",
     "cholesky",
     "correlation_cholesky",
     "interval",
+    "invertible",
     "ordered",
     "positive",
     "positive_definite",
     "positive_semidefinite",
     "positive_semidefinite_low_rank",
+    "product",
     "simplex",
     "skew",
+    "sln",
     "special_orthogonal",
     "sphere",
     "symmetric",

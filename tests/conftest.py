@@ -100,3 +100,50 @@ def run_python(*args, timeout=900):
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# ----- spreading the suite over xdist workers (`-n auto --dist loadgroup`) ------------------------
+# A test file is one group (its tests share compiled programs, which live in one process), except
+# where a module sets ``XDIST_SPLIT``: "each" (its tests are independent subprocess runs) or the
+# name of a parameter (one group per value, e.g. one per conformance case). Groups are queued
+# slowest first, so that no long file starts last; the order below is from `--durations=0`.
+SLOWEST_FIRST = (
+    "test_notebooks.py",
+    "test_examples.py",
+    "test_conformance.py",
+    "test_builtins.py",
+    "test_parity.py",
+    "test_builtins_validation.py",
+    "test_readme.py",
+    "test_benchmarks.py",
+    "test_sharding.py",
+    "test_docs.py",
+)
+
+
+def _group(item) -> str:
+    group = item.nodeid.split("::")[0]
+    split = getattr(item.module, "XDIST_SPLIT", None)
+    if split == "each":
+        return item.nodeid
+    indices = getattr(getattr(item, "callspec", None), "indices", {})
+    if split in indices:
+        return f"{group}::{split}{indices[split]}"
+    return group
+
+
+def pytest_configure(config):
+    # Keep the order below: xdist would otherwise queue groups by their number of tests.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))

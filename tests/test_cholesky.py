@@ -225,3 +225,20 @@ def test_distance_off_the_set_is_a_lower_bound_of_the_brute_force_one(p):
     cands = p.sample(jax.random.key(4), (4000, 4, 4), jnp.float64)
     brute = float(jnp.min(jnp.linalg.norm(a[None] - cands, axis=(-2, -1))))
     assert 0 < float(p.distance(a)) <= brute
+
+
+@pytest.mark.parametrize("p", BOTH, ids=IDS)
+def test_check_value_refuses_a_bad_matrix_of_a_stack_and_in_nnx(p):
+    # The core runs check_value eagerly before it traces: a stack (registered under vmap) and
+    # paramx.nnx (compiled) are refused too, instead of getting NaN originals.
+    from flax import nnx
+
+    from paramx._src.integrations.nnx.wrappers import torch_function
+
+    stack = jnp.stack([_factor(seed=1), _factor(seed=2).at[1, 1].set(-1.0)])
+    with pytest.raises(ValueError, match=r"diagonal entry <= 0.*\(at fc/kernel\)"):
+        px.register_parametrization({"fc": {"kernel": stack}}, "fc/kernel", p, batch_axes=1)
+    layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    layer.kernel[...] = jnp.eye(3, dtype=jnp.float32).at[2, 2].set(0.0)
+    with pytest.raises(ValueError, match=r"diagonal entry <= 0.*Linear\.kernel"):
+        torch_function(type(p))(layer)

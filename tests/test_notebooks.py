@@ -9,6 +9,8 @@ from conftest import ROOT
 nbformat = pytest.importorskip("nbformat")  # the [test] extra installs it; CI must not skip
 nbclient = pytest.importorskip("nbclient")
 
+XDIST_SPLIT = "path"  # conftest.py: how xdist may spread this file over workers
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 

@@ -250,3 +250,16 @@ def test_nnx_function_from_the_declarations():
     assert bool(SO.in_manifold(layer.kernel))
     layer.kernel = _normal((4, 4), seed=9, dtype=jnp.float32)
     assert bool(SO.in_manifold(layer.kernel))
+
+
+def test_check_value_refuses_a_reflection_in_a_stack_and_in_nnx():
+    # The core runs check_value eagerly before it traces: a stack (registered under vmap) and
+    # paramx.nnx (compiled) are refused too, instead of silently using one of the nearest.
+    reflection = jnp.diag(jnp.array([1.0, 1.0, -1.0]))
+    stack = jnp.stack([jnp.eye(3), reflection])
+    with pytest.raises(ValueError, match=r"no unique nearest rotation.*\(at fc/kernel\)"):
+        special_orthogonal({"fc": {"kernel": stack}}, "fc/kernel", batch_axes=1)
+    layer = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    layer.kernel[...] = reflection.astype(jnp.float32)
+    with pytest.raises(ValueError, match=r"no unique nearest rotation.*Linear\.kernel"):
+        torch_function(SpecialOrthogonal)(layer)

@@ -246,3 +246,23 @@ def test_torch_state_dict_axis_0_is_geotorchs_last_axis_sphere():
     # geotorch's sphere(radius=2) on the torch weight (out, in) normalizes its last axis.
     torch_value = 2.0 * original / np.linalg.norm(original, axis=-1, keepdims=True)
     np.testing.assert_allclose(torch_value.T, px.materialize(tree)["fc"]["kernel"], rtol=1e-12)
+
+
+def test_check_value_refuses_a_zero_slice_of_a_stack_and_in_nnx():
+    # The core runs check_value eagerly before it traces: a stack (registered under vmap) and
+    # paramx.nnx (compiled) are refused too. With a negative axis the slices are the same
+    # whatever the stack, so each is checked.
+    k = jnp.ones((2, 4, 3)).at[1, :, 2].set(0.0)
+    with pytest.raises(ValueError, match=r"zero.*\(at fc/kernel\)"):
+        sphere({"fc": {"kernel": k}}, "fc/kernel", axis=-2, batch_axes=1)
+    with pytest.raises(ValueError, match=r"whole tensor is zero.*\(at w\)"):
+        sphere({"w": jnp.zeros((2, 4, 3))}, "w", batch_axes=1)
+    layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    layer.kernel[...] = layer.kernel[...].at[:, 1].set(0.0)
+    with pytest.raises(ValueError, match=r"zero.*Linear\.kernel"):
+        torch_function(Sphere)(layer, axis=-2)
+    # A non-negative axis would count the stack axis the eager check cannot see: a valid stack
+    # whose entry (0, 1) is zero in every layer is not refused (each column is a unit vector).
+    eye = jnp.stack([jnp.eye(4, 3)] * 2)
+    tree = sphere({"w": eye}, "w", axis=0, batch_axes=1)
+    np.testing.assert_allclose(px.materialize(tree)["w"], eye)

@@ -6,9 +6,11 @@ Imports the core only. :data:`BUILTINS` lists the built-in parametrization class
 """
 
 from paramx._src.parametrizations.cholesky import Cholesky, CorrelationCholesky
+from paramx._src.parametrizations.general_linear import Invertible, SpecialLinear
 from paramx._src.parametrizations.ordered import Ordered
 from paramx._src.parametrizations.orthogonal import Orthogonal
 from paramx._src.parametrizations.positive import Interval, Positive
+from paramx._src.parametrizations.product import Product
 from paramx._src.parametrizations.psd import (
     PositiveDefinite,
     PositiveSemidefinite,
@@ -39,5 +41,8 @@ BUILTINS: tuple[type, ...] = (
     PositiveDefinite,
     PositiveSemidefinite,
     PositiveSemidefiniteLowRank,
+    Invertible,
+    SpecialLinear,
+    Product,
 )
 """The built-in parametrization classes."""

@@ -19,8 +19,10 @@ drop the part above the diagonal (the nearest lower-triangular matrix) and, for
 the projection when every diagonal entry is positive; registration and assignment replace a
 value by it. When a diagonal entry is zero or negative, no nearest point exists (the infimum
 of the distance is reached only on the boundary, outside the set), and a concrete value is
-refused with a ValueError. No check can run on traced values (under ``jit``, ``vmap`` and
-registration with ``batch_axes > 0``): there such an entry gives NaN originals.
+refused with a ValueError naming the path (``check_value``, which the core runs eagerly before
+it traces anything: also for a stack registered with ``batch_axes > 0`` and for
+``paramx.nnx``'s compiled registration and assignment). Only inside a user's own ``jax.jit`` is
+the value a tracer and the check cannot run: there such an entry gives NaN originals.
 
 Layout. On a Flax Dense kernel ``(in, out)`` the constraint reads the lower triangle of the
 kernel (torch's ``(out, in)`` weight would hold the upper triangle); on a conv kernel
@@ -83,10 +85,8 @@ def eye_like(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), x.shape)
 
 
-def default_atol(x: jax.Array) -> jax.Array:
-    """``10·n·eps`` times the largest entry of each matrix (at least 1)."""
-    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=(-2, -1)), 1)
-    return 10 * x.shape[-1] * float(jnp.finfo(x.dtype).eps) * scale
+default_atol = numerics.default_atol
+"""``10·n·eps`` times the largest entry of each matrix (at least 1): numerics.default_atol."""
 
 
 def factor(x: jax.Array) -> jax.Array:
@@ -94,11 +94,13 @@ def factor(x: jax.Array) -> jax.Array:
     return with_diagonal(x, softplus(diagonal(x)))
 
 
-def factor_inverse(value: jax.Array, owner: str) -> jax.Array:
-    """The original ``factor`` maps to the lower triangle of ``value``; a ValueError for a
-    concrete value with a diagonal entry ``<= 0``."""
+def check_diagonal(value: jax.Array, owner: str) -> None:
+    """A ValueError for a concrete ``value`` (matrices in the last two axes, a stack's leading
+    axes included) with a diagonal entry ``<= 0`` or NaN; nothing for a traced one."""
+    if not is_concrete(value):
+        return
     d = diagonal(value)
-    if is_concrete(value) and not bool(jnp.all(d > 0)):
+    if not bool(jnp.all(d > 0)):
         bad = [int(i) for i in jnp.argwhere(~(d > 0).reshape(-1, d.shape[-1]))[:, 1][:4]]
         raise ValueError(
             f"{owner}: the value has a diagonal entry <= 0 (or NaN), at diagonal index "
@@ -107,7 +109,13 @@ def factor_inverse(value: jax.Array, owner: str) -> jax.Array:
             f"positive diagonal (e.g. the factor times the sign of its diagonal, per column), "
             f"or initialize with `.sample`."
         )
-    return with_diagonal(value, inv_softplus(d))
+
+
+def factor_inverse(value: jax.Array, owner: str) -> jax.Array:
+    """The original ``factor`` maps to the lower triangle of ``value``; a ValueError for a
+    concrete value with a diagonal entry ``<= 0`` (:func:`check_diagonal`)."""
+    check_diagonal(value, owner)
+    return with_diagonal(value, inv_softplus(diagonal(value)))
 
 
 def bartlett(key: jax.Array, shape: Any, dtype: Any) -> jax.Array:
@@ -164,6 +172,14 @@ class Cholesky:
         check_square(value, _CHOLESKY)
         work = value.astype(numerics.compute_dtype(value.dtype))
         return factor_inverse(work, _CHOLESKY).astype(value.dtype)
+
+    def check_value(self, value: jax.Array) -> None:
+        """Raises a ValueError if a concrete ``value`` has a diagonal entry ``<= 0`` (or NaN),
+        in any matrix of a stack; does nothing for a traced one (under ``jit`` / ``vmap``),
+        where such an entry gives a NaN original. The core runs it before it traces anything,
+        so stacks registered with ``batch_axes`` and ``paramx.nnx`` are checked too."""
+        check_square(value, _CHOLESKY)
+        check_diagonal(value.astype(numerics.compute_dtype(value.dtype)), _CHOLESKY)
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(self, key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
@@ -303,17 +319,27 @@ class CorrelationCholesky:
     def right_inverse(self, value: jax.Array) -> jax.Array:
         check_square(value, _CORR)
         work = value.astype(numerics.compute_dtype(value.dtype))
-        d = diagonal(work)
-        if is_concrete(work) and not bool(jnp.all(d > 0)):
+        self.check_value(work)
+        # Rows of the nearest point; NaN under tracing for a diagonal entry <= 0.
+        nearest = _normalize_rows(jnp.tril(work))
+        return factor_inverse(nearest, _CORR).astype(value.dtype)
+
+    def check_value(self, value: jax.Array) -> None:
+        """Raises a ValueError if a concrete ``value`` has a diagonal entry ``<= 0`` (or NaN),
+        in any matrix of a stack; does nothing for a traced one (under ``jit`` / ``vmap``),
+        where such an entry gives a NaN original. The core runs it before it traces anything,
+        so stacks registered with ``batch_axes`` and ``paramx.nnx`` are checked too."""
+        check_square(value, _CORR)
+        if not is_concrete(value):
+            return
+        d = diagonal(value.astype(numerics.compute_dtype(value.dtype)))
+        if not bool(jnp.all(d > 0)):
             raise ValueError(
                 f"{_CORR}: the value has a diagonal entry <= 0 (or NaN); the set of Cholesky "
                 f"factors of correlation matrices has a positive diagonal and is open, so such "
                 f"a value has no nearest point in it. Assign a value with a positive diagonal, "
                 f"or initialize with `.sample`."
             )
-        # Rows of the nearest point; NaN under tracing for a diagonal entry <= 0.
-        nearest = _normalize_rows(jnp.tril(work))
-        return factor_inverse(nearest, _CORR).astype(value.dtype)
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(self, key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:

@@ -129,3 +129,11 @@ def option_name(owner: str, value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{owner}: name must be a str; got {value!r} ({type(value).__name__}).")
     return value
+
+
+def default_atol(x: jax.Array) -> jax.Array:
+    """The default membership tolerance of a (batch of) matrices in the last two axes:
+    ``10·n·eps`` of ``x``'s dtype times the largest magnitude of each matrix (at least 1), for
+    ``n = x.shape[-1]``; one per matrix."""
+    scale = jnp.maximum(jnp.max(jnp.abs(x), axis=(-2, -1)), 1)
+    return 10 * x.shape[-1] * float(jnp.finfo(x.dtype).eps) * scale

@@ -16,9 +16,11 @@ chart's centre, 0:
   ``U diag(1, ..., 1, det(U Vᵀ)) Vᵀ``, the orthogonal polar factor ``U Vᵀ`` when ``det X > 0``.
   That point is unique unless ``det(U Vᵀ) = -1`` and the two smallest singular values are equal,
   or two singular values are 0 (e.g. a reflection, or the zero matrix: every rotation is then
-  equally far). On concrete values such a tie raises a ValueError; under ``jax.jit`` /
-  ``jax.vmap`` (a stacked registration with ``batch_axes`` included) the check cannot run, and
-  the formula's point, one of the nearest, is used.
+  equally far). On concrete values such a tie raises a ValueError naming the path
+  (``check_value``, which the core runs eagerly before it traces anything: also for a stack
+  registered with ``batch_axes`` and for ``paramx.nnx``'s compiled registration and
+  assignment); only inside a user's own ``jax.jit`` / ``jax.vmap`` the check cannot run, and the
+  formula's point, one of the nearest, is used.
 
 :meth:`SpecialOrthogonal.update_base` re-centres the chart (dynamic trivialization).
 
@@ -155,7 +157,27 @@ class SpecialOrthogonal:
                 f"{tuple(base.shape)}, the registered tensor's shape; got "
                 f"{tuple(value.shape)}. Assign a value of the tensor's own shape."
             )
+        self.check_value(value)
         return jnp.zeros_like(value), {"base": self._base(value)}
+
+    def check_value(self, value: jax.Array) -> None:
+        """Raises a ValueError if a concrete ``value`` (any matrix of a stack) has no unique
+        nearest rotation and is not one already; does nothing for a traced one (under ``jit`` /
+        ``vmap``), where one of the nearest rotations is used. The core runs it before it traces
+        anything, so stacks registered with ``batch_axes`` and ``paramx.nnx`` are checked too."""
+        _check(value)
+        if isinstance(value, jax.core.Tracer | jax.ShapeDtypeStruct) or value.size == 0:
+            return
+        q = value.astype(compute_dtype(value.dtype))
+        _, unique = _nearest(q)
+        if not bool(jnp.all(unique | self._member(q))):
+            raise ValueError(
+                f"{_OWNER}: the value has no unique nearest rotation (it is a reflection, or "
+                f"its two smallest singular values tie with det(UVᵀ) = -1, or it has two zero "
+                f"singular values), so right_inverse cannot project it onto SO(n). Flip the "
+                f"sign of one column to make det > 0, or initialize with "
+                f"SpecialOrthogonal().sample (paramx.sampler)."
+            )
 
     def update_base(self, x: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         """Dynamic trivialization: the base becomes the current value (a rotation, projected
@@ -187,17 +209,7 @@ class SpecialOrthogonal:
         q = value.astype(dtype)
         if q.size == 0:
             return q
-        near, unique = _nearest(q)
-        from paramx._src.core.register import is_concrete
-
-        if is_concrete(q) and not bool(jnp.all(unique | self._member(q))):
-            raise ValueError(
-                f"{_OWNER}: the value has no unique nearest rotation (it is a reflection, or "
-                f"its two smallest singular values tie with det(UVᵀ) = -1, or it has two zero "
-                f"singular values), so right_inverse cannot project it onto SO(n). Flip the "
-                f"sign of one column to make det > 0, or initialize with "
-                f"SpecialOrthogonal().sample (paramx.sampler)."
-            )
+        near, _ = _nearest(q)
         keep = self._member(q)[..., None, None]
         return jnp.where(keep, q, near)
 

@@ -17,8 +17,13 @@ At ``x = 0`` the direction is undefined and no choice has a finite, continuous g
 by the largest magnitude of the slice, so slices whose squares would underflow or overflow
 keep their direction. ``right_inverse`` is the nearest point ``radius · x / ‖x‖`` (exact on
 the sphere); at ``x = 0`` every point of the sphere is equally near, so a zero slice is refused
-with a ValueError when the value is concrete; under ``jit`` / ``vmap`` (including a stack registered
-with ``batch_axes``) the check cannot run and a zero slice maps to the fallback point.
+with a ValueError naming the path when the value is concrete (``check_value``, which the core
+runs eagerly before it traces anything: also for a stack registered with ``batch_axes`` and for
+``paramx.nnx``'s compiled registration). That eager check sees a stack's axes without knowing
+how many there are: it checks each slice when ``axis`` is negative (the same slices whatever the
+stack), and otherwise only that the whole value is not zero. Inside a user's own ``jax.jit`` /
+``vmap``, and for the slices of a stack the eager check could not tell apart, a zero slice maps
+to the fallback point.
 bfloat16 and float16 tensors are normalized in float32 and rounded back.
 
 Batches in ``sample`` / ``in_manifold`` / ``distance``. These see a tensor with leading batch
@@ -184,20 +189,44 @@ class Sphere:
         """
         numerics.check_dtype(value, _OWNER)
         axes = self._axes(value.ndim)
-        if not isinstance(value, jax.core.Tracer | jax.ShapeDtypeStruct):
-            zero = jnp.max(jnp.abs(value), axis=axes) == 0
-            if bool(jnp.any(zero)):
-                what = (
-                    "the whole tensor is zero"
-                    if self.axis is None
-                    else f"{int(jnp.sum(zero))} slice(s) along axis={self.axis!r} are zero"
-                )
-                raise ValueError(
-                    f"{_OWNER} cannot project a zero vector onto the sphere: every point of it is "
-                    f"equally near ({what}; shape {list(value.shape)}). Assign a non-zero value, "
-                    f"or initialize with `paramx.sampler({_OWNER}(...))`."
-                )
+        self.check_value(value, batch_axes=0)  # one tensor here: its slices are known exactly
         return self._project(value, axes)
+
+    def check_value(self, value: jax.Array, *, batch_axes: int | None = None) -> None:
+        """Raises a ValueError if a concrete ``value`` has a zero vector (every point of the
+        sphere is equally near it); does nothing for a traced one (under ``jit`` / ``vmap``),
+        where a zero vector maps to ``radius · e₁``.
+
+        The core runs it before it traces anything (also for stacks and ``paramx.nnx``), on a
+        value that may carry stack axes it does not name. ``batch_axes=None`` (that call) checks
+        what holds whatever the stack: each slice when every axis of ``axis`` is negative, and
+        otherwise (``axis=None``, or non-negative axes) only that the value is not zero as a
+        whole. ``right_inverse`` checks each slice of the one tensor it sees (``batch_axes=0``),
+        so registering a single tensor checks every slice.
+        """
+        numerics.check_dtype(value, _OWNER)
+        if isinstance(value, jax.core.Tracer | jax.ShapeDtypeStruct):
+            return
+        if batch_axes is not None:
+            axes = self._axes(value.ndim, batch_axes)
+        elif isinstance(self.axis, int | tuple) and all(
+            a < 0 for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,))
+        ):
+            axes = self._axes(value.ndim)
+        else:
+            axes = tuple(range(value.ndim))
+        zero = jnp.max(jnp.abs(value), axis=axes, initial=0) == 0
+        if bool(jnp.any(zero)):
+            what = (
+                "the whole tensor is zero"
+                if self.axis is None
+                else f"{int(jnp.sum(zero))} slice(s) along axis={self.axis!r} are zero"
+            )
+            raise ValueError(
+                f"{_OWNER} cannot project a zero vector onto the sphere: every point of it is "
+                f"equally near ({what}; shape {list(value.shape)}). Assign a non-zero value, "
+                f"or initialize with `paramx.sampler({_OWNER}(...))`."
+            )
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(
