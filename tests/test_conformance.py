@@ -132,8 +132,18 @@ BUILTINS = (
     ]
 )
 
+# Catalogue classes that need an option (a rank, a bound) have no default case: one each here.
+OPTIONED = [
+    Case("low_rank-2", px.constraints.LowRank(2), None, (5, 3), scale=20),
+    Case("fixed_rank-2", px.constraints.FixedRank(2), None, (3, 5), scale=20),
+    Case("psd_fixed_rank-2", px.constraints.PositiveSemidefiniteFixedRank(2), None, scale=20),
+    Case("almost_orthogonal-0.1", px.constraints.AlmostOrthogonal(0.1), None, scale=20),
+]
+OPTIONED = [dataclasses.replace(c, sample=_image_of(c.parametrization)) for c in OPTIONED]
+
 CASES = [
     *BUILTINS,
+    *OPTIONED,
     Case("symmetric", toys.symmetric, _sym_sample),
     Case("symmetric-batched", toys.symmetric, _sym_sample, shape=(2, 3, 3)),
     Case("skew", toys.skew, _skew_sample),

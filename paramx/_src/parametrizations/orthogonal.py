@@ -48,6 +48,19 @@ is orthogonal to torch's tolerance 10 n eps on every entry of |Q^H Q - I|; torch
 orthogonal init cast to float64 (error 1e-7 there) as the base for the whole of training.
 paramx takes its Q factor instead, orthogonal to 1e-16.
 
+Complex tensors: unitary. For complex64/complex128 the value is unitary (Q^H Q = I, or
+Q Q^H = I when wide), as torch's: ``matrix_exp`` (the default for complex) and ``cayley``
+build the skew-Hermitian A = tril(X) - tril(X)^H, whose diagonal keeps 2i Im(X_jj), and map
+it to U(n) (``linalg.expm_skew`` and ``linalg.cayley`` and their VJPs are exact for
+skew-Hermitian inputs); ``householder`` refuses complex tensors, as torch does. Registration,
+assignment, ``update_base`` and ``in_manifold`` use the same formulas with conjugate
+transposes, the Q factor's R gets a real positive diagonal, and ``sample`` draws from Haar on
+U(n) (the circular unitary ensemble) or the Stiefel manifold of C^{n x k}. Training: for a real
+loss L of complex originals, ``jax.grad`` returns dL/dRe - i dL/dIm, the conjugate of the
+steepest-ascent direction (JAX's convention; torch's ``.grad`` is the direction itself), and
+optax applies updates as they come: give it ``jax.tree.map(jnp.conj, grads)``, or Adam moves
+the imaginary parts uphill.
+
 Validation: options are checked when the dataclass is built; the tensor (at least 2-D,
 floating point, not complex for householder) at registration; an assigned value must have
 the registered batch and matrix size (torch's "Expected a matrix or batch of matrices of
@@ -175,12 +188,17 @@ class Orthogonal:
       use_trivialization: Keep an orthogonal ``base`` as state (the dynamic trivialization
         framework); the value is ``base @ map(original)``.
 
+    A complex tensor (complex64, complex128) gets a unitary value, through ``matrix_exp``
+    (the default for complex tensors) or ``cayley``; train it with conjugated gradients (see
+    the module docstring: ``jax.tree.map(jnp.conj, grads)`` before optax).
+
     Raises:
       ValueError, TypeError: At construction, for an unknown map or an option of the wrong
         type; at registration, for a tensor of fewer than 2 dimensions, an integer or boolean
         tensor, or householder with a complex one.
 
     Examples:
+      >>> import jax
       >>> import jax.numpy as jnp
       >>> import paramx as px
       >>> tree = px.register_parametrization(
@@ -189,6 +207,11 @@ class Orthogonal:
       Array([[1., 0., 0.],
              [0., 1., 0.],
              [0., 0., 1.]], dtype=float32)
+      >>> u = px.Orthogonal().sample(jax.random.key(0), (3, 3), jnp.complex64)  # Haar on U(3)
+      >>> tree = px.register_parametrization({"w": u}, "w", px.Orthogonal())
+      >>> w = px.materialize(tree)["w"]
+      >>> bool(jnp.allclose(w, u, atol=1e-6)), bool(px.Orthogonal().in_manifold(w))
+      (True, True)
     """
 
     orthogonal_map: str | None = None

@@ -22,9 +22,20 @@ symmetric matrix in the Frobenius norm (the skew part is orthogonal to every sym
 so this does not change which point of the set is nearest). For ``PositiveSemidefinite`` the
 nearest point is then ``V max(Λ, 0) Vᵀ`` (Higham, 1988), and registration and assignment use it.
 The positive definite cone is open: a value whose symmetric part has an eigenvalue ``<= 0`` has
-no nearest positive definite matrix, and a concrete one is refused with a ValueError; under
-tracing (``jit``, ``vmap``, registration with ``batch_axes > 0``) no check runs and such a value
-gives NaN originals.
+no nearest positive definite matrix, and a concrete one is refused with a ValueError naming the
+path (``check_value``, which the core runs eagerly before it traces anything: stacks registered
+with ``batch_axes`` and ``paramx.nnx`` included). Only inside a user's own ``jax.jit`` is the
+value a tracer and the check cannot run: such a value gives NaN originals.
+
+* ``PositiveSemidefiniteLowRank``: rank at most ``r``, ``A Aᵀ`` with ``A`` of shape ``(n, r)``;
+  the nearest point is ``V_r max(Λ_r, 0) V_rᵀ`` from the ``r`` largest eigenvalues.
+* ``PositiveSemidefiniteFixedRank``: rank exactly ``r``, ``Q diag(f(s)) Qᵀ`` with ``Q`` of shape
+  ``(n, r)`` with orthonormal columns, a dynamic trivialization as ``FixedRank``
+  (``low_rank.py``): the original has the value's shape and holds ``Q``'s Householder
+  coordinates below the diagonal of its first ``r`` columns and ``s`` on the diagonal, and the
+  state an orthogonal base. The nearest point ``V_r Λ_r V_rᵀ`` exists when the ``r``-th
+  largest eigenvalue of the symmetric part is positive; otherwise the value is refused
+  (``check_value``).
 
 Layout. On a Flax Dense kernel ``(in, out)`` with ``in == out`` the kernel is a symmetric
 positive (semi)definite matrix, the same matrix as torch's ``(out, in)`` weight; on a conv
@@ -47,6 +58,17 @@ from paramx._src.parametrizations.cholesky import (
     factor,
     factor_inverse,
     is_concrete,
+)
+from paramx._src.parametrizations.low_rank import (
+    complete,
+    diagonal_original,
+    option_f,
+    option_rank,
+    positive_map,
+    positive_map_inverse,
+    rank_floor,
+    refuse_lost_rank,
+    stiefel,
 )
 
 
@@ -79,14 +101,37 @@ def _in_cone(x: jax.Array, atol: Any, strict: bool) -> jax.Array:
     if atol is None:
         atol = default_atol(x)
     work = x.astype(numerics.compute_dtype(x.dtype))
+    atol = jnp.asarray(atol).astype(work.dtype)
     gap = jnp.max(jnp.abs(work - _t(work)), axis=(-2, -1))
     low = jnp.min(jnp.linalg.eigvalsh(_sym(work)), axis=-1)
     return (gap <= atol) & ((low > 0) if strict else (low >= -atol))
 
 
 def _wishart(key: jax.Array, shape: Any, dtype: Any) -> jax.Array:
+    """A Wishart(I, n) draw, positive definite in ``dtype`` too.
+
+    Narrow dtypes (bfloat16, float16) draw in float32 and round, and rounding (a relative error
+    of up to ``u`` per entry) can leave an ill-conditioned draw indefinite. Such a draw, and only
+    such a draw, is rounded again after adding ``t·I`` with ``t = 2u‖W‖_F / (1 − 2u√n)``: the
+    rounding error ``E`` of ``W + t·I`` has ``‖E‖₂ <= u‖W + t·I‖_F < t``, so the result is
+    positive definite (for ``2u√n < 1``: ``n < 16384`` in bfloat16).
+    """
+    dtype = jnp.dtype(dtype)
     work = numerics.compute_dtype(dtype)
-    return _gram(bartlett(key, shape, work)).astype(dtype)
+    w = _gram(bartlett(key, shape, work))
+    if work == dtype:
+        return w
+    out = w.astype(dtype)
+    n = w.shape[-1]
+    r = out.astype(work)
+    low = jnp.min(jnp.linalg.eigvalsh(r), axis=-1)
+    size = jnp.sqrt(jnp.sum(r**2, axis=(-2, -1)))
+    ok = low > 10 * n * float(jnp.finfo(work).eps) * size  # PD, beyond float32's own rounding
+    u = float(jnp.finfo(dtype).eps) / 2
+    t = 2 * u * jnp.sqrt(jnp.sum(w**2, axis=(-2, -1))) / max(1 - 2 * u * n**0.5, 0.25)
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=work), w.shape)
+    shifted = (w + t[..., None, None] * eye).astype(dtype)
+    return jnp.where(ok[..., None, None], out, shifted)
 
 
 _PD = "PositiveDefinite"
@@ -127,26 +172,45 @@ class PositiveDefinite:
 
     def right_inverse(self, value: jax.Array) -> jax.Array:
         check_square(value, _PD)
+        self.check_value(value)
         s = _sym(value.astype(numerics.compute_dtype(value.dtype)))
-        low = jnp.linalg.cholesky(s)  # NaN where s is not positive definite
-        if is_concrete(s) and not bool(jnp.all(jnp.isfinite(low))):
-            eig = float(jnp.min(jnp.linalg.eigvalsh(s)))
-            raise ValueError(
-                f"{_PD}: the value's symmetric part is not positive definite (smallest "
-                f"eigenvalue {eig:.3g}); the positive definite cone is open, so such a value has "
-                f"no nearest point in it. Assign a positive definite value (e.g. A Aᵀ + c·I), "
-                f"use positive_semidefinite, or initialize with `.sample`."
-            )
+        low = jnp.linalg.cholesky(s)  # NaN where s is not positive definite (traced values)
         return factor_inverse(low, _PD).astype(value.dtype)
+
+    def check_value(self, value: jax.Array) -> None:
+        """Raises a ValueError if the symmetric part of a concrete ``value`` (any matrix of a
+        stack) is not positive definite: the cone is open, so such a value has no nearest point
+        in it. Does nothing for a traced value (under ``jit`` / ``vmap``), which gives NaN
+        originals; the core runs it before it traces anything, so stacks registered with
+        ``batch_axes`` and ``paramx.nnx`` are checked too."""
+        check_square(value, _PD)
+        if not is_concrete(value):
+            return
+        s = _sym(value.astype(numerics.compute_dtype(value.dtype)))
+        bad = ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(s)), axis=(-2, -1))
+        if not bool(jnp.any(bad)):
+            return
+        eig = float(jnp.min(jnp.where(bad, jnp.min(jnp.linalg.eigvalsh(s), axis=-1), jnp.inf)))
+        where = ""
+        if bad.ndim:
+            idx = [tuple(int(i) for i in ix) for ix in jnp.argwhere(bad)[:4]]
+            where = f" (matrix {idx[0] if len(idx) == 1 else idx} of the stack)"
+        raise ValueError(
+            f"{_PD}: the value's symmetric part is not positive definite{where} (smallest "
+            f"eigenvalue {eig:.3g}); the positive definite cone is open, so such a value has "
+            f"no nearest point in it. Assign a positive definite value (e.g. A Aᵀ + c·I), "
+            f"use positive_semidefinite, or initialize with `.sample`."
+        )
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(self, key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
         """A Wishart(I, n) matrix (``n`` degrees of freedom, the matrix size): ``L Lᵀ`` with
         ``L`` by Bartlett's decomposition (:meth:`Cholesky.sample`); mean ``n·I``, and each
         entry has variance ``n`` off the diagonal and ``2n`` on it. Leading axes of ``shape``
-        are a batch. For bfloat16 and float16 the float32 draw is rounded, and rounding can
-        leave an ill-conditioned draw (smallest eigenvalue below about ``2⁻⁸·‖W‖``) indefinite;
-        check with ``in_manifold`` or draw in float32."""
+        are a batch. For bfloat16 and float16 the float32 draw is rounded; a draw that rounding
+        would leave indefinite (an ill-conditioned one: smallest eigenvalue below about
+        ``2⁻⁸·‖W‖`` in bfloat16) gets a small multiple of ``I`` added first, so every draw is
+        positive definite in its dtype."""
         dtype = jnp.dtype(dtype)
         check_square(jax.ShapeDtypeStruct(tuple(shape), dtype), _PD)
         return _wishart(key, shape, dtype)
@@ -402,7 +466,7 @@ class PositiveSemidefiniteLowRank:
         object.__setattr__(self, "rank", rank)
         numerics.option_name(_LOW, self.name)
 
-    def _check_value(self, x: Any) -> None:
+    def _check_shape(self, x: Any) -> None:
         check_square(x, _LOW)
         if self.rank > x.shape[-1]:
             raise ValueError(
@@ -421,7 +485,7 @@ class PositiveSemidefiniteLowRank:
         return _gram(x.astype(numerics.compute_dtype(x.dtype))).astype(x.dtype)
 
     def right_inverse(self, value: jax.Array) -> jax.Array:
-        self._check_value(value)
+        self._check_shape(value)
         lam, v = _top(value.astype(numerics.compute_dtype(value.dtype)), self.rank)
         return (v * jnp.sqrt(lam)[..., None, :]).astype(value.dtype)
 
@@ -431,13 +495,13 @@ class PositiveSemidefiniteLowRank:
         matrix: mean ``rank·I``. Leading axes of ``shape`` are a batch."""
         dtype = jnp.dtype(dtype)
         shape = tuple(shape)
-        self._check_value(jax.ShapeDtypeStruct(shape, dtype))
+        self._check_shape(jax.ShapeDtypeStruct(shape, dtype))
         g = jax.random.normal(key, (*shape[:-1], self.rank), numerics.compute_dtype(dtype))
         return _gram(g).astype(dtype)
 
     def distance(self, x: jax.Array) -> jax.Array:
         """The Frobenius distance to the set, ``‖X − V_r max(Λ_r, 0) V_rᵀ‖``; 0 on it."""
-        self._check_value(x)
+        self._check_shape(x)
         x = x.astype(numerics.compute_dtype(x.dtype))
         lam, v = _top(x, self.rank)
         near = numerics.matmul(v * lam[..., None, :], _t(v))
@@ -447,10 +511,11 @@ class PositiveSemidefiniteLowRank:
         """Whether each matrix is symmetric, its eigenvalues are ``>= −atol`` and at most
         ``rank`` of them exceed ``atol`` (default ``10·n·eps`` times the largest entry, at
         least 1)."""
-        self._check_value(x)
+        self._check_shape(x)
         if atol is None:
             atol = default_atol(x)
         work = x.astype(numerics.compute_dtype(x.dtype))
+        atol = jnp.asarray(atol).astype(work.dtype)
         gap = jnp.max(jnp.abs(work - _t(work)), axis=(-2, -1))
         lam = jnp.linalg.eigvalsh(_sym(work))
         n = x.shape[-1]
@@ -523,4 +588,230 @@ def positive_semidefinite_low_rank(tree: Any, where: Any, rank: int, *, batch_ax
     from paramx._src.core.register import register_parametrization
 
     p = PositiveSemidefiniteLowRank(rank)
+    return register_parametrization(tree, where, p, batch_axes=batch_axes)
+
+
+_FIXED = "PositiveSemidefiniteFixedRank"
+
+
+@dataclasses.dataclass(frozen=True)
+class PositiveSemidefiniteFixedRank:
+    """Symmetric positive semidefinite ``n × n`` matrices of rank exactly ``rank``,
+    ``Q diag(f(s)) Qᵀ`` with ``Q`` of shape ``(n, rank)`` with orthonormal columns and
+    ``f(s) > 0``; register it with :func:`positive_semidefinite_fixed_rank`. geotorch's
+    ``PSSDFixedRank``.
+
+    The original has the value's shape: its first ``rank`` columns hold ``Q``'s Householder
+    coordinates below the diagonal and ``s`` on the diagonal; the state holds an orthogonal
+    ``n × n`` base, and ``Q = base · H(coordinates)`` (a dynamic trivialization, as
+    :class:`FixedRank`; :func:`paramx.update_base` re-centres it). ``right_inverse`` takes the
+    ``rank`` largest eigenvalues ``Λ_r`` of the symmetric part of the value: exact on the set,
+    and off it the nearest matrix of the set in the Frobenius norm, ``V_r Λ_r V_rᵀ``, when
+    ``Λ_r > 0``. Otherwise (the ``rank``-th largest eigenvalue is ``<= n·eps`` times the
+    largest) there is no nearest point and ``check_value`` refuses the value. On a Dense kernel
+    ``(n, n)`` the kernel is such a matrix; on a conv kernel ``(*spatial, n, n)``, each tap.
+
+    Attributes:
+      rank: The rank, ``1 <= rank <= n`` (checked at registration).
+      f: ``"softplus"`` (default) or ``"exp"``, the map from the original's diagonal to the
+        eigenvalues.
+      name: The display name.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> from paramx._src.parametrizations.psd import PositiveSemidefiniteFixedRank
+      >>> tree = px.register_parametrization(
+      ...     {"kernel": jnp.diag(jnp.array([3.0, -1.0, 2.0]))}, "kernel",
+      ...     PositiveSemidefiniteFixedRank(rank=2))
+      >>> px.materialize(tree)["kernel"].round(4)
+      Array([[3., 0., 0.],
+             [0., 0., 0.],
+             [0., 0., 2.]], dtype=float32)
+    """
+
+    rank: int
+    f: str = "softplus"
+    name: str = "positive_semidefinite_fixed_rank"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank", option_rank(_FIXED, self.rank))
+        option_f(_FIXED, self.f)
+        numerics.option_name(_FIXED, self.name)
+
+    def _check_shape(self, x: Any) -> None:
+        check_square(x, _FIXED)
+        if self.rank > x.shape[-1]:
+            raise ValueError(
+                f"{_FIXED}: rank={self.rank} exceeds the matrix size {x.shape[-1]} (shape "
+                f"{list(x.shape)}). Use a rank between 1 and {x.shape[-1]}."
+            )
+
+    def init(self, value: jax.Array, key: jax.Array) -> tuple[None, Any]:
+        self._check_shape(value)
+        n = value.shape[-1]
+        eye = jnp.eye(n, dtype=numerics.compute_dtype(value.dtype))
+        return None, {"q": jnp.broadcast_to(eye, value.shape)}
+
+    def _value(self, w: jax.Array, base: jax.Array) -> jax.Array:
+        r = self.rank
+        q = stiefel(w[..., :, :r], base)
+        lam = positive_map(self.f, jnp.diagonal(w, axis1=-2, axis2=-1)[..., :r])
+        return _sym(numerics.matmul(q * lam[..., None, :], _t(q)))
+
+    def forward(self, x: jax.Array, *, params: Any, state: Any) -> jax.Array:
+        self._check_shape(x)
+        if state is None:
+            raise numerics.missing_state(_FIXED, "the base q")
+        w = x.astype(numerics.compute_dtype(x.dtype))
+        return self._value(w, state["q"]).astype(x.dtype)
+
+    def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
+        self._check_shape(value)
+        self.check_value(value)
+        w = value.astype(numerics.compute_dtype(value.dtype))
+        lam, v = _top(w, self.rank)
+        d = positive_map_inverse(self.f, lam)
+        return diagonal_original(d, w.shape).astype(value.dtype), {"q": complete(v)}
+
+    def check_value(self, value: jax.Array) -> None:
+        """Raises a ValueError if, for a concrete ``value`` (any matrix of a stack), the
+        ``rank``-th largest eigenvalue of the symmetric part is ``<= n·eps`` times the largest
+        (or the largest is ``<= 0``): the nearest positive semidefinite matrix of rank ``<=
+        rank`` then has a lower rank, and none of rank exactly ``rank`` is nearest. Does nothing
+        for a traced value (under ``jit`` / ``vmap``), where such an eigenvalue gives an
+        original of ``−inf`` or NaN; the core runs it before it traces anything, so stacks and
+        ``paramx.nnx`` are checked too."""
+        self._check_shape(value)
+        if not is_concrete(value) or isinstance(value, jax.ShapeDtypeStruct):
+            return
+        lam = jnp.linalg.eigvalsh(_sym(value.astype(numerics.compute_dtype(value.dtype))))
+        lr = lam[..., -self.rank]
+        bad = ~(lr > rank_floor(value, jnp.maximum(lam[..., -1], 0)))
+        refuse_lost_rank(
+            _FIXED,
+            bad,
+            f"the symmetric part of the value has eigenvalue λ_{self.rank} = "
+            f"{float(jnp.min(lr)):.3g} (its {self.rank}-th largest: zero, negative or rounding)",
+            f"Assign a positive semidefinite value of rank at least {self.rank} (e.g. G Gᵀ "
+            f"for G of shape (n, {self.rank})), use positive_semidefinite_low_rank (rank <= "
+            f"{self.rank}), or initialize with `.sample`.",
+        )
+
+    def update_base(self, x: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
+        """Dynamic trivialization (:func:`paramx.update_base`): the base moves to the current
+        ``Q`` and the original back to the chart's centre (its ``s`` is kept), so the value is
+        unchanged to rounding."""
+        self._check_shape(x)
+        if state is None:
+            raise numerics.missing_state(_FIXED, "the base q")
+        w = x.astype(numerics.compute_dtype(x.dtype))
+        q = stiefel(w[..., :, : self.rank], state["q"])
+        d = jnp.diagonal(w, axis1=-2, axis2=-1)[..., : self.rank]
+        return diagonal_original(d, w.shape).astype(x.dtype), {"q": complete(q)}
+
+    # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
+    def sample(self, key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+        """A singular Wishart(I, rank) matrix ``G Gᵀ``, ``G`` an ``(n, rank)`` standard normal
+        matrix (rank exactly ``rank`` almost surely): mean ``rank·I``, and each entry has
+        variance ``rank`` off the diagonal and ``2·rank`` on it. Leading axes of ``shape`` are a
+        batch; bfloat16 and float16 draw in float32 and round."""
+        dtype = jnp.dtype(dtype)
+        shape = tuple(shape)
+        self._check_shape(jax.ShapeDtypeStruct(shape, dtype))
+        g = jax.random.normal(key, (*shape[:-1], self.rank), numerics.compute_dtype(dtype))
+        return _gram(g).astype(dtype)
+
+    def distance(self, x: jax.Array) -> jax.Array:
+        """The Frobenius distance to the set (the infimum; the distance to its closure, the
+        rank ``<= rank`` positive semidefinite matrices), ``‖X − V_r max(Λ_r, 0) V_rᵀ‖``; 0 on
+        it."""
+        self._check_shape(x)
+        return PositiveSemidefiniteLowRank(self.rank).distance(x)
+
+    def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
+        """Whether each matrix is symmetric, its eigenvalues are ``>= −atol`` and exactly
+        ``rank`` of them exceed ``atol`` (default ``10·n·eps`` times the largest entry, at
+        least 1)."""
+        self._check_shape(x)
+        if atol is None:
+            atol = default_atol(x)
+        lam = jnp.linalg.eigvalsh(_sym(x.astype(numerics.compute_dtype(x.dtype))))
+        atol = jnp.asarray(atol).astype(lam.dtype)
+        low = PositiveSemidefiniteLowRank(self.rank).in_manifold(x, atol)
+        return low & (lam[..., -self.rank] > atol)
+
+    # ----- paramx.nnx: its function (paramx._src.integrations.nnx.wrappers) ---------------
+    torch_function = "positive_semidefinite_fixed_rank"
+    torch_function_positional = ()
+    torch_function_keyword = ("rank", "f")
+    torch_function_takes_key = False
+    traceable = True
+    nnx_doc = """Makes ``module.<name>`` positive semidefinite of rank exactly ``rank``, in place.
+
+    Registers :class:`paramx.constraints.PositiveSemidefiniteFixedRank`: the original (an
+    ``nnx.Param`` of the kernel's shape) holds ``Q``'s coordinates and ``s`` of
+    ``Q diag(f(s)) Qᵀ``, and an orthogonal base is :class:`ParametrizationState`. Registration
+    and assignment replace a value by the nearest such matrix (Frobenius norm) and refuse one
+    whose ``rank``-th largest eigenvalue is not positive.
+
+    Args:
+      module: The module (``nnx.Linear(n, n)``, ...).
+      name: The attribute to constrain.
+      rank: The rank.
+      f: ``"softplus"`` (default) or ``"exp"``.
+      batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``).
+
+    Returns:
+      ``module``.
+
+    Examples:
+      >>> from flax import nnx
+      >>> import jax.numpy as jnp
+      >>> import paramx.nnx as pnx
+      >>> layer = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+      >>> layer.kernel[...] = jnp.eye(4)
+      >>> layer = pnx.positive_semidefinite_fixed_rank(layer, rank=2)
+      >>> int(jnp.sum(jnp.linalg.eigvalsh(layer.kernel) > 1e-5))
+      2
+    """
+
+
+def positive_semidefinite_fixed_rank(
+    tree: Any, where: Any, rank: int, *, f: str = "softplus", batch_axes: int = 0
+) -> Any:
+    """Registers :class:`PositiveSemidefiniteFixedRank`: the selected square matrices become
+    positive semidefinite of rank exactly ``rank``.
+
+    Args:
+      tree: The tree to register on.
+      where: A path, a tuple of keys, or a predicate over key paths.
+      rank: The rank, ``1 <= rank <= n``.
+      f: ``"softplus"`` (default) or ``"exp"``, the map to the eigenvalues.
+      batch_axes: How many leading axes index a stack of independent tensors (an
+        ``nn.scan`` / ``nn.vmap`` stack). See :func:`paramx.register_parametrization`.
+
+    Returns:
+      The new tree.
+
+    Raises:
+      ValueError: If a selected tensor is not square, ``rank`` is out of range, or (concrete
+        values) the ``rank``-th largest eigenvalue of its symmetric part is not positive.
+      TypeError: If it is an integer, boolean or complex tensor, or ``rank`` is not an int.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import paramx as px
+      >>> from paramx._src.parametrizations.psd import positive_semidefinite_fixed_rank
+      >>> kernel = jax.random.normal(jax.random.key(0), (4, 4))
+      >>> kernel = kernel @ kernel.T  # positive definite: its top-2 part is the nearest point
+      >>> tree = positive_semidefinite_fixed_rank({"kernel": kernel}, "kernel", 2)
+      >>> k = px.materialize(tree)["kernel"]
+      >>> int(jnp.sum(jnp.linalg.eigvalsh(k) > 1e-4))
+      2
+    """
+    from paramx._src.core.register import register_parametrization
+
+    p = PositiveSemidefiniteFixedRank(rank, f)
     return register_parametrization(tree, where, p, batch_axes=batch_axes)
