@@ -12,7 +12,8 @@ Each row compares paramx (``paramx_s``) with a baseline (``baseline_s``) and giv
 is reached. Both sides of a ratio run in this one process, alternating, after a warm-up; each
 figure is the median of the repetitions (``benchmarks/_timing.py``). JAX cases live in
 ``cases_jax.py``; the PyTorch peers, in ``cases_torch.py``, need the ``bench`` extra
-(``pip install -e ".[bench]"``) and are skipped with a note when torch is missing.
+(``pip install -e ".[bench]"``) and are skipped with a note when torch is missing; so are the
+geotorch peers, in ``cases_geotorch.py``, without geotorch.
 
 Threads: XLA's CPU backend uses every core for its own thread pool; LAPACK calls go to the
 OpenBLAS that SciPy ships, pinned to one thread before JAX is imported (``--blas-threads``,
@@ -98,6 +99,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "optax": version("optax"),
         "numpy": version("numpy"),
         "torch": version("torch"),
+        "geotorch": version("geotorch"),
         "jax_backend": jax.default_backend(),
         "xla_threads": os.cpu_count(),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
@@ -113,7 +115,8 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def case_modules(args: argparse.Namespace) -> list[Any]:
-    """``cases_jax`` and, if its file exists and torch is wanted, ``cases_torch``."""
+    """``cases_jax`` and, if their files exist and torch is wanted, ``cases_torch`` and
+    ``cases_geotorch``."""
     import cases_jax
 
     modules = [cases_jax]
@@ -123,6 +126,10 @@ def case_modules(args: argparse.Namespace) -> list[Any]:
         import cases_torch
 
         modules.append(cases_torch)
+        if (HERE / "cases_geotorch.py").exists():  # skips itself without geotorch
+            import cases_geotorch
+
+            modules.append(cases_geotorch)
     else:
         print("note: benchmarks/cases_torch.py not found; torch cases skipped")
     return modules

@@ -411,7 +411,7 @@ class FixedRank(_Factored):
       Array([[3., 0., 0.],
              [0., 2., 0.],
              [0., 0., 0.]], dtype=float32)
-      >>> FixedRank(2).check_value(jnp.diag(jnp.array([1.0, 0.0, 0.0])))
+      >>> FixedRank(2).check_value(jnp.diag(jnp.array([1.0, 0.0, 0.0])))  # doctest: +ELLIPSIS
       Traceback (most recent call last):
         ...
       ValueError: FixedRank: the value's truncation to rank 2 has singular value ...
