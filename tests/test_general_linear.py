@@ -8,10 +8,9 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import scipy.linalg
-from catalogue import _loss, random_quadratic
+from catalogue import adam_fit, random_quadratic
 from flax import nnx
 from scipy import stats
 
@@ -51,41 +50,8 @@ def _distance(p, x):
     return p.distance(x)
 
 
-# ----- training: tests/catalogue.py's Adam program, on the originals only ------------------------
-# catalogue.adam_fit differentiates the whole node, and these parametrizations keep their base as
-# state (which paramx refuses to differentiate). This is the same program on the originals, with
-# the state closed over: one compilation per (parametrization, shape, dtype), shared by the
-# training-quality and the fitting-power tests.
-
-
-@jax.jit
-def _run(node, target, q, lr, steps):
-    opt = optax.adam(lr)
-
-    def value(orig):
-        return px.tensor.materialize(node.replace(originals=orig))
-
-    with jax.numpy_dtype_promotion("standard"):
-        orig = node.originals
-        state = opt.init(orig)
-
-        def step(_, carry):
-            o, s = carry
-            g = jax.grad(lambda o: _loss(value(o), target, q))(o)
-            upd, s = opt.update(g, s, o)
-            return optax.apply_updates(o, upd), s
-
-        orig, _ = jax.lax.fori_loop(0, steps, step, (orig, state))
-    w = value(orig)
-    return w, _loss(w, target, q)
-
-
-def _fit(p, x0, target, q=None, *, steps=1000, lr=1e-2):
-    node = px.tensor.register(x0, p)
-    if q is None:  # the relative squared error |w - target|² / |target|²
-        scale = 1 / jnp.sqrt(jnp.sum(jnp.abs(target) ** 2))
-        q = jnp.eye(target.size, dtype=target.dtype) * scale.astype(target.dtype)
-    return _run(node, target, q, jnp.asarray(lr, jnp.float32), jnp.asarray(steps, jnp.int32))
+# Training: tests/catalogue.py's one compiled Adam program (the bases stay state).
+_fit = adam_fit
 
 
 @pytest.mark.parametrize("p", [GL, SL], ids=["GL+", "SL"])
