@@ -38,6 +38,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -767,6 +768,99 @@ def memory_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
         )  # fmt: skip
 
 
+# ----- device-friendly plans (issue 15) ---------------------------------------------------------
+
+
+def control_flow_count(jaxpr: Any) -> int:
+    """``while`` and data-dependent ``cond`` equations of a jaxpr, sub-jaxprs included (a
+    ``cond`` with ``branches_platforms`` is resolved per platform at compile time)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "while" or (name == "cond" and not eqn.params.get("branches_platforms")):
+            count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += control_flow_count(sub)
+    return count
+
+
+def dot_count(jaxpr: Any) -> int:
+    """``dot_general`` equations of a jaxpr, sub-jaxprs included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == "dot_general"
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += dot_count(sub)
+    return count
+
+
+def device_plan_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
+    """``controlflow/<map>``: ``while``/``cond`` equations in the forward+backward of each
+    built-in orthogonal map under the device plan (``expm_plan="static"``): ``ratio`` is 1 +
+    that count (the schema wants positive figures), goal 1, i.e. no control flow; the count
+    and the adaptive plan's are in ``count_device_plan``/``count_adaptive_plan``.
+    ``polar/n<n>/matmuls``: the
+    polar map's forward products (goal 15) and ``polar/n<n>/fwd_bwd``: its forward+backward
+    time against its forward (goal 3). ``expm/<kind>/n<n>/static``: forward+backward of
+    ``expm_skew(plan="static")`` against the adaptive plan (no goal: the default on CPU stays
+    adaptive)."""
+    n_cf = 16 if cfg.smoke else 64
+    for omap in ("matrix_exp", "cayley", "householder", "polar"):
+        case = f"controlflow/{omap}"
+        if not wanted(cfg, case):
+            continue
+        counts = []
+        for plan in ("static", "adaptive"):
+            w = jax.random.normal(jax.random.key(0), (n_cf, n_cf), jnp.float32)
+            p = px.Orthogonal(omap, expm_plan=plan)
+            params, state = px.split_state(px.register_parametrization({"w": w}, "w", p))
+            loss = lambda pr, state=state: jnp.sum(px.materialize(pr, state)["w"] ** 2)
+            counts.append(control_flow_count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+        yield row(
+            case, 1.0 + counts[0], "1 (ratio = 1 + count under the device plan)", 1.0,
+            goal=1.0, side="jax", unit="count + 1 (while/cond equations, forward+backward)",
+            count_device_plan=counts[0], count_adaptive_plan=counts[1],
+        )  # fmt: skip
+    n = 16 if cfg.smoke else 256
+    a, c, _ = skew(n, "random")
+    q = px.Orthogonal().sample(jax.random.key(0), (n, n), jnp.float32)
+    x = q + 0.05 * jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    polar = px.Orthogonal("polar", use_trivialization=False)
+    fwd = jax.jit(lambda x: polar.forward(x, params=None, state=None))
+    both = fwd_bwd(lambda x: polar.forward(x, params=None, state=None), c)
+    case = f"polar/n{n}/matmuls"
+    if wanted(cfg, case):
+        count = dot_count(jax.make_jaxpr(fwd)(x).jaxpr)
+        count_both = dot_count(jax.make_jaxpr(both)(x).jaxpr)
+        yield row(
+            case, float(count), "1 (ratio = forward products)", 1.0, goal=15.0, side="jax",
+            unit="count (dot_general, forward)", products_forward_backward=count_both,
+        )  # fmt: skip
+    case = f"polar/n{n}/fwd_bwd"
+    if wanted(cfg, case):
+        reps = max(cfg.reps, 9) if not cfg.smoke else cfg.reps
+        t_both, t_fwd = kernel_measure(both, (x,), fwd, (x,), reps=reps, min_block_s=sz.block)
+        w = np.asarray(fwd(x), np.float64)
+        orth = float(np.abs(w.T @ w - np.eye(n)).max())
+        yield row(
+            case, t_both, "its forward", t_fwd, goal=3.0, side="jax", orthogonality=orth,
+            orthogonality_limit=10 * n * float(np.finfo(np.float32).eps),
+        )  # fmt: skip
+    for n in sz.expm_ns:
+        for kind in ("norm1", "random"):
+            case = f"expm/{kind}/n{n}/static"
+            if not wanted(cfg, case):
+                continue
+            a, c, _ = skew(n, kind)
+            f_static = fwd_bwd(lambda a: linalg.expm_skew(a, plan="static"), c)
+            f_adaptive = fwd_bwd(lambda a: linalg.expm_skew(a, plan="adaptive"), c)
+            reps = max(cfg.reps, 9) if not cfg.smoke else cfg.reps
+            t_s, t_a = kernel_measure(
+                f_static, (a,), f_adaptive, (a,), reps=reps, min_block_s=sz.block
+            )
+            yield row(case, t_s, "expm_skew(plan='adaptive')", t_a, side="jax")
+
+
 def rows(cfg: SimpleNamespace) -> Iterator[dict]:
     """Every JAX case, yielded as soon as it is measured."""
     sz = sizes(cfg)
@@ -778,3 +872,4 @@ def rows(cfg: SimpleNamespace) -> Iterator[dict]:
     yield from scan_compile_rows(cfg, sz)
     yield from expm_compile_rows(cfg, sz)
     yield from memory_rows(cfg, sz)
+    yield from device_plan_rows(cfg, sz)

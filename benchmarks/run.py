@@ -115,11 +115,13 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def case_modules(args: argparse.Namespace) -> list[Any]:
-    """``cases_jax`` and, if their files exist and torch is wanted, ``cases_torch`` and
+    """``cases_jax``, ``cases_lipschitz`` (its torch peers only where torch is wanted and
+    installed) and, if their files exist and torch is wanted, ``cases_torch`` and
     ``cases_geotorch``."""
     import cases_jax
+    import cases_lipschitz
 
-    modules = [cases_jax]
+    modules = [cases_jax, cases_lipschitz]
     if args.no_torch:
         print("note: torch cases skipped (--no-torch)")
     elif (HERE / "cases_torch.py").exists():

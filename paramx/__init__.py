@@ -29,6 +29,7 @@ Examples:
 Namespaces: ``paramx.linen`` (``Parametrize``, declared in a linen model), ``paramx.nnx``
 (torch's in-place API on NNX modules), ``paramx.interop`` (PyTorch ``state_dict`` files),
 ``paramx.tensor`` (register / materialize / assign / remove on one array or node),
+``paramx.lipschitz`` (Lipschitz and orthogonal convolutions, bounds),
 ``paramx.constraints`` (the catalogue of constraints beyond torch's three: symmetric, skew,
 sphere, positive, simplex, special orthogonal, Cholesky, positive definite, ...). The
 guides are ``README.md``, ``docs/design.md`` and ``docs/flax.md``; the API reference is built
@@ -38,6 +39,7 @@ from these docstrings with ``mkdocs build`` (``mkdocs.yml``).
 from paramx import constraints as constraints
 from paramx import interop as interop
 from paramx import linen as linen
+from paramx import lipschitz as lipschitz
 from paramx import nnx as nnx
 from paramx import tensor as tensor
 from paramx._src.core.assign import assign as assign
@@ -103,4 +105,5 @@ __all__ = [
 
 def __dir__() -> list[str]:
     # help(paramx) and dir(paramx) show the public surface, not the private modules.
-    return sorted([*__all__, "__version__", "constraints", "interop", "linen", "nnx", "tensor"])
+    namespaces = ["constraints", "interop", "linen", "lipschitz", "nnx", "tensor"]
+    return sorted([*__all__, "__version__", *namespaces])

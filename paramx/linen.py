@@ -4,5 +4,7 @@
 """
 
 from paramx._src.integrations.linen import Parametrize as Parametrize
+from paramx._src.integrations.lipschitz_layers import SLLConv as SLLConv
+from paramx._src.integrations.lipschitz_layers import SLLDense as SLLDense
 
-__all__ = ["Parametrize"]
+__all__ = ["Parametrize", "SLLConv", "SLLDense"]

@@ -7,6 +7,8 @@ holds the originals (``nnx.Param``) and state (:class:`ParametrizationState`), a
 one for each class that declares ``torch_function``.
 """
 
+from paramx._src.integrations.lipschitz_layers import NNXSLLConv as SLLConv
+from paramx._src.integrations.lipschitz_layers import SLLLinear as SLLLinear
 from paramx._src.integrations.nnx.cache import cached as cached
 from paramx._src.integrations.nnx.classes import (
     type_before_parametrizations as type_before_parametrizations,
@@ -31,6 +33,8 @@ __all__ = [
     "ParametrizationList",
     "ParametrizationState",
     "Parametrizations",
+    "SLLConv",
+    "SLLLinear",
     "cached",
     "is_parametrized",
     "register_parametrization",

@@ -1,9 +1,23 @@
 """Suite-wide settings: float64 available, strict dtype promotion, no implicit rank promotion."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# Compile once per run, not once per process: the xdist workers, and the scripts, notebooks and
+# README blocks the suite runs in fresh interpreters, share one compilation cache (a new folder
+# per run, removed at its end; every program is cached, however fast it compiled). Most of the
+# suite's time is XLA compiling small programs, many of them the same in several processes.
+# Set before jax is imported, in the environment, so the processes the suite starts inherit
+# it; a cache folder the caller set is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="paramx-tests-jax-cache-")
+    os.environ["PARAMX_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +26,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# In case a plugin imported jax before the environment above was set.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -46,7 +64,8 @@ def key():
 def exported_parametrizations() -> list[type]:
     """Every parametrization class that ``paramx`` exports, found by looking, not listed.
 
-    A class in ``paramx.__all__`` or ``paramx.constraints.__all__`` counts when it defines a
+    A class in ``paramx.__all__``, ``paramx.constraints.__all__`` or ``paramx.lipschitz.__all__``
+    counts when it defines a
     ``forward`` method and builds with no arguments (its default options). The conformance and
     full-precision tests run on each, so a new built-in exported from ``paramx`` is covered
     without editing them.
@@ -56,6 +75,7 @@ def exported_parametrizations() -> list[type]:
     found = []
     exported = [getattr(px, n) for n in px.__all__]
     exported += [getattr(px.constraints, n) for n in px.constraints.__all__]
+    exported += [getattr(px.lipschitz, n) for n in px.lipschitz.__all__]
     for obj in exported:
         if not isinstance(obj, type) or not callable(getattr(obj, "forward", None)):
             continue
@@ -67,8 +87,9 @@ def exported_parametrizations() -> list[type]:
     return found
 
 
-def suitable_shape(p, shapes=((5, 3), (4, 4))):
-    """The first of ``shapes`` (a tall matrix, then a square one) that ``p`` registers on.
+def suitable_shape(p, shapes=((5, 3), (4, 4), (3, 3, 4, 4))):
+    """The first of ``shapes`` (a tall matrix, a square one, a 3x3 conv kernel 4 -> 4) that ``p``
+    registers on.
 
     Checked abstractly (``jax.eval_shape``: nothing is compiled); a parametrization refuses an
     unsuitable shape with a ValueError at registration.
@@ -136,6 +157,13 @@ def pytest_configure(config):
     # Keep the order below: xdist would otherwise queue groups by their number of tests.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+    # The process that made the compilation cache (not an xdist worker) removes it.
+    own = os.environ.get("PARAMX_TESTS_OWN_CACHE")
+    if own and not hasattr(config, "workerinput") and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)

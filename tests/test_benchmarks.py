@@ -9,7 +9,17 @@ import math
 
 from conftest import run_python
 
-FAMILIES = ("overhead", "expm", "cayley", "householder", "flax", "rnn", "compile", "memory")
+FAMILIES = (
+    "overhead",
+    "expm",
+    "cayley",
+    "householder",
+    "flax",
+    "rnn",
+    "compile",
+    "memory",
+    "lipschitz",
+)
 ROW_FIELDS = {"case", "paramx_s", "baseline", "baseline_s", "ratio", "goal", "met"}
 MACHINE_FIELDS = {"cpu", "cores", "python", "jax", "jaxlib", "flax", "optax", "torch", "date"}
 
@@ -34,7 +44,7 @@ def test_smoke_run_writes_the_json_schema(tmp_path):
             assert r["met"] is None
         else:
             assert r["met"] is (r["ratio"] <= r["goal"])
-    jax_cases = [r["case"] for r in rows if r.get("side") == "jax"]
+    jax_cases = [r["case"] for r in rows if r.get("side") in ("jax", "lipschitz")]
     for family in FAMILIES:
         assert any(c.split("/")[0] == family for c in jax_cases), family
     rnn = [r for r in rows if r["case"].startswith("rnn/") and r.get("side") == "jax"]

@@ -349,11 +349,11 @@ def test_weight_norm_must_come_first_in_a_chain():
 
 
 def _dot_precisions(jaxpr) -> list:
-    """The precision of every dot_general in a jaxpr, sub-jaxprs (cond, while, custom_vjp,
-    pjit) included."""
+    """The precision of every dot_general and conv_general_dilated in a jaxpr, sub-jaxprs
+    (cond, while, custom_vjp, pjit) included."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
             found.append(eqn.params["precision"])
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -403,7 +403,7 @@ def test_every_exported_parametrization_multiplies_at_full_precision(cls):
     # Found by looking at paramx's exports (conftest.py), so a new built-in is checked too.
     # Registering, training (forward, backward, state update) and assigning may run no matrix
     # product at all (weight norm runs none); every product they do run asks for HIGHEST.
-    shape = suitable_shape(cls(), ((6, 4), (5, 5)))
+    shape = suitable_shape(cls(), ((6, 4), (5, 5), (3, 3, 4, 4)))
     w = jax.random.normal(jax.random.key(0), shape, jnp.float32)
     if callable(getattr(cls, "sample", None)):  # a point of the set (positive, ordered, ...)
         w = cls().sample(jax.random.key(0), shape, jnp.float32)

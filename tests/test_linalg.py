@@ -4,6 +4,7 @@ Every jitted function takes its data as arguments and most tests use 4 x 4 matri
 suite compiles each (function, shape, dtype) once.
 """
 
+import math
 from fractions import Fraction
 
 import jax
@@ -288,3 +289,172 @@ def test_cayley_gradients_match_autodiff_through_the_solve(dtype):
     c = skew(15, (2, N, N), dtype, shift=0.4)
     ours, ref = grad("cayley", a, c), grad("plain_cayley", a, c)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-10, atol=1e-12)
+
+
+# --- the static plan (Taylor 18, masked squarings) -----------------------------------------------
+static_expm = jax.jit(lambda a: expm_skew(a, plan="static"))
+static_value_and_grad = jax.jit(jax.grad(loss(lambda a: expm_skew(a, plan="static")), has_aux=True))
+
+
+def _taylor18_scheme_coefficients():
+    """The Bader-Blanes-Casas scheme expanded into its power series (float64 coefficients)."""
+    poly = np.polynomial.polynomial
+
+    def q(row, powers):
+        return sum(c * np.eye(1, 7, p)[0] for c, p in zip(row, powers))
+
+    a = q(linalg._T18_A, (0, 1, 2, 3))
+    b = [q(row, (0, 1, 2, 3, 6)) for row in linalg._T18_B]
+    q9 = poly.polyadd(poly.polymul(a, b[3]), b[2])
+    return poly.polyadd(b[0], poly.polymul(poly.polyadd(b[1], q9), q9))
+
+
+def test_taylor18_scheme_is_the_taylor_polynomial():
+    # The scheme's 19 coefficients are 1/k! (checks every digit that matters of the table).
+    c = _taylor18_scheme_coefficients()
+    assert len(np.trim_zeros(c, "b")) == 19
+    expected = np.array([1.0 / math.factorial(k) for k in range(19)])
+    np.testing.assert_allclose(c[:19], expected, rtol=1e-13, atol=1e-30)
+    # The identity split off in _expm_static: c2 c9 = 1.
+    c9 = linalg._T18_B[2][0]
+    assert abs((linalg._T18_B[1][0] + c9) * c9 - 1.0) < 1e-15
+
+
+def _taylor_relative_backward_error(theta, terms=100):
+    """|h(i theta)| / theta for h(x) = log(e^{-x} T18(x)), exact rational series."""
+    c = [Fraction(1, math.factorial(j)) for j in range(19)]
+    h = _log_series(c, terms)
+    h[1] -= 1
+    y = Fraction(theta)
+    re = sum(h[k] * (-1) ** (k // 2) * y**k for k in range(2, terms + 1, 2))
+    im = sum(h[k] * (-1) ** ((k - 1) // 2) * y**k for k in range(1, terms + 1, 2))
+    return abs(complex(float(re), float(im))) / float(y)
+
+
+@pytest.mark.parametrize("config, unit", [(linalg._TAYLOR32, 2**-24), (linalg._TAYLOR64, 2**-53)])
+def test_taylor_thresholds_are_safe_for_the_spectral_radius(config, unit):
+    # The static plan uses a theta below the largest admissible one (3.53 in float32, 1.155
+    # in float64): its squarings are paid for anyway, and the rounding is smaller there.
+    assert _taylor_relative_backward_error(config.theta) <= unit
+    assert config.theta * 2**config.max_squarings >= 1000.0  # the tested range
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("n", [4, 64])
+def test_static_plan_accuracy_over_norms(dtype, n):
+    # Value against scipy (float64) and unitarity, over 1-norms 1e-3 .. 1e3 (within the
+    # plan's reach): no worse than the adaptive plan beyond a small factor (measured: equal
+    # below norm 1, 1-3x at larger norms, where both are near u * ||A||).
+    import scipy.linalg
+
+    worst = 0.0
+    for i, norm in enumerate([1e-3, 1e-1, 1.0, 10.0, 100.0, 1e3]):
+        a = skew(100 + i, (n, n), jnp.float64, norm1=norm)
+        ref = scipy.linalg.expm(np.asarray(a))
+        errors = []
+        for q in (static_expm(a.astype(dtype)), ours_expm(a.astype(dtype))):
+            q = np.asarray(q, np.float64)
+            errors.append(max(np.abs(q - ref).max(), unitarity_error(q)))
+        floor = 4 * eps(dtype) * max(1.0, norm)
+        worst = max(worst, errors[0] / max(errors[1], floor))
+        assert unitarity_error(static_expm(a.astype(dtype))) <= 10 * n * eps(dtype) * max(1, norm)
+    assert worst <= 4.0, worst
+
+
+def test_static_plan_gradients_and_batches():
+    a, c = skew(7, (3, N, N), jnp.float64), skew(8, (3, N, N), jnp.float64, shift=0.3)
+    g_static, q = static_value_and_grad(a, c)
+    g_ours, _ = value_and_grad["ours"](a, c)
+    np.testing.assert_allclose(g_static, g_ours, rtol=1e-9, atol=1e-11)
+    single = jnp.stack([static_expm(a[i]) for i in range(3)])
+    np.testing.assert_allclose(q, single, rtol=1e-12, atol=1e-14)
+    # complex (skew-Hermitian): values
+    a = skew(9, (N, N), jnp.complex128)
+    np.testing.assert_allclose(static_expm(a), jax_expm(a), rtol=1e-12, atol=1e-13)
+
+
+def test_static_plan_limits():
+    # Within the reach theta * 2^max_squarings of the spectral-radius bound: unitary. Beyond
+    # it the Taylor polynomial is used outside its range and the result is NOT unitary (the
+    # documented limit; the adaptive plan goes much further).
+    reach = linalg._TAYLOR32.theta * 2**linalg._TAYLOR32.max_squarings
+    a = skew(12, (N, N), jnp.float32, norm1=1.0)
+    rho = spectral_radius(a)
+    assert unitarity_error(static_expm(a * (0.9 * reach / rho))) < 1e-3
+    beyond = unitarity_error(static_expm(a * (8 * reach / rho)))
+    assert not beyond < 1e-2  # a large error, or NaN once the correction overflows
+    assert unitarity_error(ours_expm(a * (8 * reach / rho))) < 1e-3
+    with pytest.raises(ValueError, match="adaptive"):
+        expm_skew(a, plan="fast")
+    with pytest.raises(TypeError, match="plan"):
+        expm_skew(a, plan=1)
+    assert linalg.default_plan() == ("adaptive" if jax.default_backend() == "cpu" else "static")
+
+
+# --- polar ---------------------------------------------------------------------------------------
+def _with_singular_values(seed, n, k, kappa, dtype):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    s = np.geomspace(1.0, 1.0 / kappa, k)
+    return jnp.asarray((u * s) @ v.T, dtype), u @ v.T
+
+
+def test_polar_coefficients_map_the_design_interval_near_one():
+    s = np.linspace(linalg._POLAR_LOW, 1.0, 20001)
+    for a, b, c in linalg._POLAR_STEPS:
+        s = s * (a + b * s**2 + c * s**4)
+    assert np.abs(s - 1).max() < 0.0067
+
+
+polar_jit = jax.jit(linalg.polar)
+
+
+@pytest.mark.parametrize("n, k", [(64, 64), (64, 16)])
+def test_polar_float32_orthogonality_and_accuracy(n, k):
+    for kappa in (1.0, 2.0, 10.0):
+        x, exact = _with_singular_values(int(kappa), n, k, kappa, jnp.float32)
+        q = polar_jit(x)
+        assert unitarity_error(q) <= 10 * n * eps(jnp.float32)
+        assert np.abs(np.asarray(q, np.float64) - exact).max() < 1e-2  # bfloat16 phase
+    # An orthogonal input is its own polar factor, to float32 rounding.
+    x, exact = _with_singular_values(3, n, k, 1.0, jnp.float32)
+    np.testing.assert_allclose(polar_jit(x), x, atol=1e-6)
+    # Scaling does not matter; bfloat16 inputs compute in float32.
+    np.testing.assert_allclose(polar_jit(x * 1e3), x, atol=1e-6)
+    assert polar_jit(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _exact_polar_jvp(x, dx):
+    """d polar(X)[dX] for a tall X = Q H, from the Sylvester equation H W + W H = C."""
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    q, v = u @ vt, vt.T
+    c = q.T @ dx - dx.T @ q
+    w = v @ ((v.T @ c @ v) / (s[:, None] + s[None, :])) @ v.T
+    h_inv = v @ np.diag(1 / s) @ v.T
+    return q @ w + (np.eye(x.shape[0]) - q @ q.T) @ dx @ h_inv
+
+
+@pytest.mark.parametrize("n, k", [(6, 6), (7, 4)])
+def test_polar_derivative_matches_the_sylvester_solution(n, k):
+    x, _ = _with_singular_values(5, n, k, 3.0, jnp.float64)
+    dx = jnp.asarray(np.random.default_rng(6).standard_normal((n, k)))
+    exact = _exact_polar_jvp(np.asarray(x), np.asarray(dx))
+    polar_jvp = jax.jit(lambda x, dx: jax.jvp(linalg.polar, (x,), (dx,))[1])
+    tangent = polar_jvp(x, dx)  # float64: no bfloat16 phase
+    np.testing.assert_allclose(tangent, exact, rtol=1e-6, atol=1e-6)
+    # float32 with the bfloat16 phase: autodiff through it is accurate to about 1e-2.
+    tangent32 = polar_jvp(x.astype(jnp.float32), dx.astype(jnp.float32))
+    assert np.abs(np.asarray(tangent32, np.float64) - exact).max() < 3e-2 * np.abs(exact).max()
+    # The VJP is the transpose of that JVP (autodiff).
+    ct = jnp.asarray(np.random.default_rng(7).standard_normal((n, k)))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(linalg.polar(x) * ct)))(x)
+    np.testing.assert_allclose(jnp.sum(grad * dx), jnp.sum(ct * exact), rtol=1e-6)
+
+
+def test_polar_input_checks():
+    with pytest.raises(ValueError, match="tall"):
+        linalg.polar(jnp.zeros((2, 3)))
+    with pytest.raises(TypeError, match="real floating"):
+        linalg.polar(jnp.zeros((3, 3), jnp.complex64))
+    assert linalg.polar(jnp.zeros((0, 3, 2))).shape == (0, 3, 2)

@@ -104,7 +104,8 @@ def test_builtins_declare_traceable_and_compile():
 # ----- (a) torch-named functions from declarations -------------------------------------------
 OLD_SIGNATURES = {
     "orthogonal": "(module: 'nnx.Module', name: 'str' = 'kernel', orthogonal_map: 'str | None' = "
-    "None, *, use_trivialization: 'bool' = True, batch_axes: 'int' = 0) -> 'nnx.Module'",
+    "None, *, use_trivialization: 'bool' = True, expm_plan: 'str | None' = None, batch_axes: "
+    "'int' = 0) -> 'nnx.Module'",  # expm_plan: a keyword added by issue 15 (device plans)
     "spectral_norm": "(module: 'nnx.Module', name: 'str' = 'kernel', n_power_iterations: 'int' = "
     "1, eps: 'float' = 1e-12, dim: 'int | None' = None, *, axis_name: 'Any' = None, key: "
     "'jax.Array | None' = None, batch_axes: 'int' = 0) -> 'nnx.Module'",
@@ -129,9 +130,13 @@ def test_every_builtin_that_declares_a_torch_function_is_offered():
     assert declared >= set(OLD_SIGNATURES)  # and any built-in added since (symmetric)
     assert declared <= set(pnx.__all__)
     exported = {
-        getattr(px, cls.__name__, None) or getattr(px.constraints, cls.__name__) for cls in BUILTINS
+        getattr(px, cls.__name__, None)
+        or getattr(px.constraints, cls.__name__, None)
+        or getattr(px.lipschitz, cls.__name__)
+        for cls in BUILTINS
     }
-    assert exported == set(BUILTINS)  # the classes paramx (or paramx.constraints) exports
+    # the classes paramx (or paramx.constraints, paramx.lipschitz) exports
+    assert exported == set(BUILTINS)
 
 
 def test_positional_options_follow_torchs_order():

@@ -7,8 +7,15 @@ Imports the core only. :data:`BUILTINS` lists the built-in parametrization class
 
 from paramx._src.parametrizations.almost_orthogonal import AlmostOrthogonal
 from paramx._src.parametrizations.cholesky import Cholesky, CorrelationCholesky
+from paramx._src.parametrizations.conv_orthogonal import (
+    BlockOrthogonalConv,
+    CayleyConv,
+    SkewOrthogonalConv,
+)
+from paramx._src.parametrizations.conv_spectral_norm import ConvSpectralNorm
 from paramx._src.parametrizations.general_linear import Invertible, SpecialLinear
 from paramx._src.parametrizations.grassmannian import Grassmannian
+from paramx._src.parametrizations.lipschitz_rescaling import AOL, SLL
 from paramx._src.parametrizations.low_rank import FixedRank, LowRank
 from paramx._src.parametrizations.ordered import Ordered
 from paramx._src.parametrizations.orthogonal import Orthogonal
@@ -55,5 +62,11 @@ BUILTINS: tuple[type, ...] = (
     PositiveSemidefiniteFixedRank,
     Hermitian,
     SkewHermitian,
+    ConvSpectralNorm,
+    SkewOrthogonalConv,
+    BlockOrthogonalConv,
+    CayleyConv,
+    AOL,
+    SLL,
 )
 """The built-in parametrization classes."""

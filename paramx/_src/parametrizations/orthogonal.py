@@ -19,6 +19,20 @@ Maps (on the tall orientation X of shape (n, k), n >= k, torch's working matrix)
   A - A^H, then exp or the Cayley map, first k columns.
 * ``householder`` (real only): the strictly lower part of X holds reflectors with
   tau = 2 / (1 + |a|^2), column signs from the signs of X's diagonal (+1 for a zero entry).
+* ``polar`` (real only; not in torch): the orthogonal polar factor of X itself, by matrix
+  products only (``linalg.polar``: three Polar Express steps with bfloat16 products for
+  float32 tensors, then full-precision Newton-Schulz steps; no LU, no data-dependent control
+  flow). The value is orthogonal to float32 rounding when X's singular values lie within a
+  factor of about 20 of each other (near-orthogonal originals: with trivialization the
+  original starts at I, without it at the registered value's polar factor); beyond, the value
+  is not orthogonal (``in_manifold`` says so). It is X's polar factor to about 1e-3 (bfloat16)
+  in general and exactly (to float32 rounding) for an orthogonal X, so ``right_inverse``
+  without trivialization returns the value itself: exact on orthogonal values.
+
+``expm_plan`` chooses ``linalg.expm_skew``'s plan for ``matrix_exp``: ``"adaptive"`` (Padé,
+degree and squarings chosen at run time with ``lax.cond``/``while_loop``, fewest products),
+``"static"`` (degree-18 Taylor and masked squarings: no data-dependent control flow, matrix
+products only, for GPUs and TPUs) or None: static on an accelerator backend, adaptive on CPU.
 
 Column signs: a difference from torch. torch multiplies column j by ``int(X[j, j])``, the
 diagonal truncated toward zero. ``right_inverse`` stores +-1 there, so both agree as long as
@@ -78,7 +92,7 @@ import jax.numpy as jnp
 from paramx._src.parametrizations import numerics
 from paramx._src.parametrizations.numerics import compute_dtype, matmul, missing_state
 
-_MAPS = ("matrix_exp", "cayley", "householder")
+_MAPS = ("matrix_exp", "cayley", "householder", "polar")
 _OWNER = "Orthogonal"
 
 
@@ -182,11 +196,13 @@ class Orthogonal:
     """The orthogonal parametrization; register it with :func:`paramx.orthogonal`.
 
     Attributes:
-      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"``, or ``None`` for
-        torch's rule: ``matrix_exp`` if the matrix is square or complex, else
-        ``householder``.
+      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"``, ``"polar"``
+        (matrix products only, see the module docstring), or ``None`` for torch's rule:
+        ``matrix_exp`` if the matrix is square or complex, else ``householder``.
       use_trivialization: Keep an orthogonal ``base`` as state (the dynamic trivialization
         framework); the value is ``base @ map(original)``.
+      expm_plan: The plan of ``matrix_exp``: ``"adaptive"``, ``"static"`` (no data-dependent
+        control flow) or ``None`` (static on GPU/TPU, adaptive on CPU).
 
     A complex tensor (complex64, complex128) gets a unitary value, through ``matrix_exp``
     (the default for complex tensors) or ``cayley``; train it with conjugated gradients (see
@@ -217,6 +233,7 @@ class Orthogonal:
     orthogonal_map: str | None = None
     use_trivialization: bool = True
     name: str = "orthogonal"
+    expm_plan: str | None = None
 
     # ----- paramx.nnx: its torch-named function (paramx._src.integrations.nnx.wrappers) ---
     # The function's name, the options after (module, name) in torch's order, the
@@ -225,7 +242,7 @@ class Orthogonal:
     # so paramx.nnx runs them as one compiled program.
     torch_function = "orthogonal"
     torch_function_positional = ("orthogonal_map",)
-    torch_function_keyword = ("use_trivialization",)
+    torch_function_keyword = ("use_trivialization", "expm_plan")
     torch_function_takes_key = False
     traceable = True
     nnx_doc = """Makes ``module.<name>`` orthogonal, in place; torch's ``orthogonal``.
@@ -241,9 +258,10 @@ class Orthogonal:
     Args:
       module: The module (``nnx.Linear``, ``nnx.Conv``, ...).
       name: The attribute to constrain.
-      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"`` or ``None`` (torch's
-        rule: ``matrix_exp`` if square or complex, else ``householder``).
+      orthogonal_map: ``"matrix_exp"``, ``"cayley"``, ``"householder"``, ``"polar"`` or
+        ``None`` (torch's rule: ``matrix_exp`` if square or complex, else ``householder``).
       use_trivialization: Keep an orthogonal base as state (default True).
+      expm_plan: ``matrix_exp``'s plan: ``"adaptive"``, ``"static"`` or None (default).
       batch_axes: Leading stack axes of an already-stacked module (``nnx.vmap``): one
         orthogonal matrix per layer.
 
@@ -265,12 +283,15 @@ class Orthogonal:
         if m is not None and (not isinstance(m, str) or m not in _MAPS):
             error = ValueError if isinstance(m, str) else TypeError
             raise error(
-                'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
-                f"Got: {m!r}. Pass one of these names, or None for torch's default "
+                'orthogonal_map has to be one of "matrix_exp", "cayley", "householder", '
+                f'"polar". Got: {m!r}. Pass one of these names, or None for torch\'s default '
                 "(matrix_exp for square or complex matrices, householder otherwise)."
             )
         triv = numerics.option_bool(_OWNER, "use_trivialization", self.use_trivialization)
         object.__setattr__(self, "use_trivialization", triv)
+        from paramx._src.parametrizations import linalg
+
+        linalg.check_plan(self.expm_plan, f"{_OWNER}: expm_plan")
         numerics.option_name(_OWNER, self.name)
 
     # ----- shape rules -------------------------------------------------------------------
@@ -287,9 +308,9 @@ class Orthogonal:
         name = self.orthogonal_map
         if name is None:
             name = "matrix_exp" if x.shape[-2] == x.shape[-1] or complex_ else "householder"
-        if name == "householder" and complex_:
+        if name in ("householder", "polar") and complex_:
             raise ValueError(
-                "The householder parametrization does not support complex tensors. Use "
+                f"The {name} parametrization does not support complex tensors. Use "
                 'orthogonal_map="matrix_exp" or "cayley" (or None, which picks matrix_exp '
                 "for complex tensors)."
             )
@@ -319,6 +340,11 @@ class Orthogonal:
             # torch multiplies by int(diag), which zeroes columns whose |diag| < 1: signs only.
             signs = jax.lax.stop_gradient(_signs(jnp.diagonal(x, axis1=-2, axis2=-1)))
             q = q * signs[..., None, :]
+        elif name == "polar":
+            from paramx._src.parametrizations import linalg
+
+            # One finishing step here, the second is the final Newton-Schulz step below.
+            q = linalg.polar(x, finishing_steps=1)
         else:
             from paramx._src.parametrizations import linalg
 
@@ -326,7 +352,10 @@ class Orthogonal:
             if n != k:
                 a = jnp.concatenate([a, jnp.zeros((*a.shape[:-1], n - k), a.dtype)], axis=-1)
             a = a - _mH(a)
-            q = (linalg.expm_skew if name == "matrix_exp" else linalg.cayley)(a)[..., :k]
+            if name == "matrix_exp":
+                q = linalg.expm_skew(a, plan=self.expm_plan)[..., :k]
+            else:
+                q = linalg.cayley(a)[..., :k]
         if state is not None:
             q = matmul(state["base"].astype(q.dtype), q)
         q = _newton_schulz(q)
@@ -348,6 +377,8 @@ class Orthogonal:
         name = self.map_for(q)
         self._check_shape(q, state)
         if not self.use_trivialization:
+            if name == "polar":  # the polar factor of an orthogonal matrix is itself
+                return self._polar_inverse(q), state
             if name != "householder":
                 raise NotImplementedError(
                     "It is not possible to assign to the matrix exponential or the Cayley "
@@ -357,8 +388,9 @@ class Orthogonal:
                     "on the new value."
                 )
             return self._householder_inverse(q), state
-        neg_id = -_eye_like(q)
-        return neg_id, {"base": self._base(q)}
+        # The original whose map is I: -I for the skew maps (A = 0), I for polar.
+        centre = _eye_like(q) if name == "polar" else -_eye_like(q)
+        return centre, {"base": self._base(q)}
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(
@@ -486,6 +518,20 @@ class Orthogonal:
         if q.shape[-2] == q.shape[-1]:
             return jnp.where(_is_orthogonal(q), q, _make_orthogonal(q))
         return _complete_base(q)
+
+    def _polar_inverse(self, q: jax.Array) -> jax.Array:
+        """An original whose polar map is ``q``'s polar factor: ``q`` itself when it is
+        orthogonal (to torch's tolerance), else its polar factor ``U V^H`` (SVD), so the
+        iteration starts from a perfectly conditioned original."""
+        if q.size == 0:
+            return q
+        dtype = q.dtype
+        x = q.astype(compute_dtype(dtype))
+        u, _, vt = jnp.linalg.svd(x, full_matrices=False)
+        flip = _flip(x)
+        t = _mT(x) if flip else x
+        keep = _is_orthogonal(t)
+        return jnp.where(keep, x, matmul(u, vt)).astype(dtype)
 
     def _householder_inverse(self, q: jax.Array) -> jax.Array:
         if q.size == 0:

@@ -1,0 +1,144 @@
+"""lipschitz / network_bound: each layer's certified bound and measured norm, and a chain's."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import paramx as px
+from paramx._src.parametrizations.conv_spectral_norm import conv_spectral_norm, operator_norm
+from paramx._src.parametrizations.convops import ConvGeometry
+from paramx._src.parametrizations.lipschitz_bound import (
+    LayerBound,
+    LipschitzReport,
+    lipschitz,
+    network_bound,
+)
+
+CIRC = ConvGeometry(input_size=(8, 8), padding="CIRCULAR")
+SAME = ConvGeometry(input_size=(8, 8))
+
+
+def normal(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32) / 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Halve:
+    """A toy parametrization declaring the protocol: k / (2 * its circular norm)."""
+
+    geometry: ConvGeometry = CIRC
+
+    def forward(self, w):
+        return w / (2 * operator_norm(w, self.geometry, method="fft"))
+
+    def lipschitz_bound(self, value):
+        return jnp.asarray(0.5, jnp.float32)
+
+
+def model_tree():
+    return {
+        "conv1": {"kernel": normal((3, 3, 4, 4), 1), "bias": jnp.zeros(4)},
+        "conv2": {"kernel": normal((3, 3, 4, 4), 2)},
+        "plain": {"kernel": normal((3, 3, 4, 4), 3)},
+        "dense": {"kernel": normal((16, 3), 4)},
+    }
+
+
+def test_report_reads_the_protocol_and_measures():
+    tree = conv_spectral_norm(model_tree(), "conv1/kernel", geometry=CIRC, method="fft")
+    tree = px.register_parametrization(tree, "conv2/kernel", Halve())
+    is_weight = lambda path, leaf: px.path_keys(path)[-1] in ("kernel", "bias")
+    report = lipschitz(tree, is_weight, geometry={"plain/kernel": SAME})
+    assert isinstance(report, LipschitzReport)
+    assert list(report) == [
+        "conv1/bias",
+        "conv1/kernel",
+        "conv2/kernel",
+        "dense/kernel",
+        "plain/kernel",
+    ]
+    c1, c2, plain, dense = (
+        report[p] for p in ("conv1/kernel", "conv2/kernel", "plain/kernel", "dense/kernel")
+    )
+    assert isinstance(c1, LayerBound)
+    assert c1.certified_by == "parametrization" and c1.measured_by == "fft"
+    assert float(c1.certified) == pytest.approx(1.0, abs=1e-5)
+    assert float(c1.measured) == pytest.approx(1.0, abs=1e-5)
+    assert c1.geometry == CIRC and c1.chain == ("conv_spectral_norm",)
+    # duck typing: any parametrization with lipschitz_bound / geometry takes part
+    assert c2.certified_by == "parametrization" and float(c2.certified) == 0.5
+    assert float(c2.measured) == pytest.approx(0.5, abs=1e-5)
+    # a plain conv kernel: certified by Gram iteration, measured by power iteration
+    assert plain.certified_by == "gram" and plain.measured_by == "power"
+    assert float(plain.certified) >= float(plain.measured) > 0
+    assert float(plain.certified) <= 1.15 * float(plain.measured)
+    assert dense.certified_by == "gram" and dense.measured_by == "svd"
+    exact = float(jnp.linalg.norm(model_tree()["dense"]["kernel"], 2))
+    assert float(dense.measured) == pytest.approx(exact, rel=1e-5)
+    assert exact <= float(dense.certified) <= exact * (1 + 1e-3)
+    bias = report["conv1/bias"]
+    assert bias.certified is None and bias.measured is None
+    table = str(report)
+    assert "conv1/kernel" in table and "parametrization / fft" in table and "gram / power" in table
+
+
+def test_where_none_reads_every_parametrized_tensor_and_measure_false():
+    tree = conv_spectral_norm(model_tree(), "conv1/kernel", geometry=CIRC, method="gram")
+    report = lipschitz(tree, measure=False)
+    assert list(report) == ["conv1/kernel"]
+    assert report["conv1/kernel"].measured is None
+    assert float(report["conv1/kernel"].certified) == pytest.approx(1.0, abs=1e-5)
+    # A conv kernel without geometry is certified for every input size, not measured.
+    r = lipschitz(model_tree(), "plain/kernel")["plain/kernel"]
+    assert r.certified_by == "gram" and r.measured is None
+    assert float(r.certified) >= float(
+        operator_norm(model_tree()["plain"]["kernel"], CIRC, method="fft")
+    )
+
+
+def test_reshaped_spectral_norm_leaves_the_conv_norm_above_one():
+    """torch-style spectral_norm (px.spectral_norm) on a conv kernel: the reshaped kernel has
+    norm 1, the conv does not. lipschitz() shows it (SpectralNorm declares no bound: Gram)."""
+    tree = px.spectral_norm(model_tree(), "plain/kernel")
+    r = lipschitz(tree, geometry=CIRC)["plain/kernel"]
+    assert r.certified_by == "gram" and r.measured_by == "fft"
+    assert float(r.measured) > 1.3
+    # Tight on a circular conv, up to gram_bound's rounding margin (above, never below).
+    assert float(r.measured) <= float(r.certified) <= float(r.measured) * (1 + 1e-4)
+
+
+def test_stacks_give_one_bound_per_layer_and_the_network_bound_multiplies():
+    ks = jnp.stack([normal((3, 3, 4, 4), 5), 2 * normal((3, 3, 4, 4), 6)])
+    tree = {"stack": {"kernel": ks}, "head": {"kernel": normal((4, 2), 7)}}
+    tree = conv_spectral_norm(tree, "stack/kernel", geometry=CIRC, method="fft", batch_axes=1)
+    report = lipschitz(tree, "stack/kernel")
+    assert report["stack/kernel"].certified.shape == (2,)
+    np.testing.assert_allclose(report["stack/kernel"].measured, 1.0, atol=1e-5)
+    head = float(jnp.linalg.norm(tree["head"]["kernel"], 2))
+    total = float(network_bound(tree, ["stack/kernel", "head/kernel"]))
+    assert total == pytest.approx(head, rel=1e-3)
+    assert total >= head
+    assert float(network_bound(tree)) == pytest.approx(1.0, abs=1e-5)  # parametrized only
+
+
+def test_errors_name_the_path():
+    tree = model_tree()
+    with pytest.raises(ValueError, match=r"(?s)conv1/bias.*no certified bound"):
+        network_bound(tree, ["conv1/kernel", "conv1/bias"], geometry=SAME)
+    with pytest.raises(TypeError, match="sequence of paths"):
+        network_bound(tree, "conv1/kernel")
+    with pytest.raises(ValueError, match="no layers"):
+        network_bound(tree)
+    with pytest.raises(ValueError, match=r"(?s)input_size.*plain/kernel"):
+        lipschitz(tree, "plain/kernel", geometry=ConvGeometry(input_size=(8,)))
+    with pytest.raises(TypeError, match="ConvGeometry"):
+        lipschitz(tree, "plain/kernel", geometry="SAME")
+    with pytest.raises(TypeError, match="ConvGeometry"):
+        lipschitz(tree, "plain/kernel", geometry={"plain/kernel": (8, 8)})
+    with pytest.raises(ValueError, match="Closest"):
+        lipschitz(tree, "plain/kernal")
+    with pytest.raises(ValueError, match="iterations"):
+        lipschitz(tree, "plain/kernel", iterations=0)
