@@ -1,23 +1,9 @@
 """Suite-wide settings: float64 available, strict dtype promotion, no implicit rank promotion."""
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-
-# Compile once per run, not once per process: the xdist workers, and the scripts, notebooks and
-# README blocks the suite runs in fresh interpreters, share one compilation cache (a new folder
-# per run, removed at its end; every program is cached, however fast it compiled). Most of the
-# suite's time is XLA compiling small programs, many of them the same in several processes.
-# Set before jax is imported, in the environment, so the processes the suite starts inherit
-# it; a cache folder the caller set is kept.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="paramx-tests-jax-cache-")
-    os.environ["PARAMX_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# In case a plugin imported jax before the environment above was set.
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -157,13 +139,6 @@ def pytest_configure(config):
     # Keep the order below: xdist would otherwise queue groups by their number of tests.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
-
-
-def pytest_unconfigure(config):
-    # The process that made the compilation cache (not an xdist worker) removes it.
-    own = os.environ.get("PARAMX_TESTS_OWN_CACHE")
-    if own and not hasattr(config, "workerinput") and "PYTEST_XDIST_WORKER" not in os.environ:
-        shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -363,10 +363,8 @@ class SkewOrthogonalConv:
       >>> from flax import nnx
       >>> import jax.numpy as jnp
       >>> import paramx.nnx as pnx
-      >>> from paramx.lipschitz import SkewOrthogonalConv
-      >>> soc = pnx.soc
       >>> layer = nnx.Conv(4, 4, (11, 11), padding="CIRCULAR", rngs=nnx.Rngs(0))
-      >>> layer = soc(layer, terms=6)
+      >>> layer = pnx.soc(layer, terms=6)
       >>> layer.kernel.shape
       (11, 11, 4, 4)
     """
@@ -639,9 +637,7 @@ class CayleyConv:
       >>> import jax
       >>> import jax.numpy as jnp
       >>> import paramx.nnx as pnx
-      >>> from paramx.lipschitz import CayleyConv
-      >>> cayley_conv = pnx.cayley_conv
-      >>> layer = cayley_conv(nnx.Conv(4, 4, (8, 8), padding="CIRCULAR", rngs=nnx.Rngs(0)))
+      >>> layer = pnx.cayley_conv(nnx.Conv(4, 4, (8, 8), padding="CIRCULAR", rngs=nnx.Rngs(0)))
       >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
       >>> y = layer(x) - layer.bias[...]
       >>> bool(jnp.allclose(jnp.linalg.norm(y), jnp.linalg.norm(x), rtol=1e-5))
@@ -864,9 +860,7 @@ class BlockOrthogonalConv:
       >>> import jax
       >>> import jax.numpy as jnp
       >>> import paramx.nnx as pnx
-      >>> from paramx.lipschitz import BlockOrthogonalConv
-      >>> bcop = pnx.bcop
-      >>> layer = bcop(nnx.Conv(4, 4, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0)))
+      >>> layer = pnx.bcop(nnx.Conv(4, 4, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0)))
       >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
       >>> y = layer(x) - layer.bias[...]
       >>> bool(jnp.allclose(jnp.linalg.norm(y), jnp.linalg.norm(x), rtol=1e-5))

@@ -497,8 +497,7 @@ class ConvSpectralNorm:
     Examples:
       >>> import jax
       >>> import paramx as px
-      >>> from paramx.lipschitz import ConvSpectralNorm, operator_norm
-      >>> from paramx.lipschitz import ConvGeometry
+      >>> from paramx.lipschitz import ConvGeometry, operator_norm
       >>> g = ConvGeometry(input_size=(8, 8), padding="CIRCULAR")
       >>> k = jax.random.normal(jax.random.key(0), (3, 3, 4, 4))
       >>> tree = px.register_parametrization(
@@ -559,11 +558,9 @@ class ConvSpectralNorm:
     Examples:
       >>> from flax import nnx
       >>> import paramx.nnx as pnx
-      >>> from paramx.lipschitz import ConvSpectralNorm, operator_norm
-      >>> from paramx.lipschitz import ConvGeometry
-      >>> conv_spectral_norm = pnx.conv_spectral_norm
+      >>> from paramx.lipschitz import ConvGeometry, operator_norm
       >>> g = ConvGeometry(input_size=(8, 8), padding="CIRCULAR")
-      >>> layer = conv_spectral_norm(
+      >>> layer = pnx.conv_spectral_norm(
       ...     nnx.Conv(4, 4, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0)),
       ...     geometry=g, method="fft")
       >>> round(float(operator_norm(layer.kernel, g, method="fft")), 4)

@@ -330,9 +330,7 @@ class AOL:
       >>> from flax import nnx
       >>> import jax.numpy as jnp
       >>> import paramx.nnx as pnx
-      >>> from paramx.lipschitz import AOL
-      >>> aol = pnx.aol
-      >>> layer = aol(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
+      >>> layer = pnx.aol(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
       >>> bool(jnp.linalg.norm(layer.kernel[...], 2) <= 1 + 1e-5)
       True
     """
@@ -482,9 +480,7 @@ class SLL:
       >>> from flax import nnx
       >>> import jax.numpy as jnp
       >>> import paramx.nnx as pnx
-      >>> from paramx.lipschitz import SLL
-      >>> sll = pnx.sll
-      >>> layer = sll(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
+      >>> layer = pnx.sll(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
       >>> bool(jnp.linalg.norm(layer.kernel[...], 2) <= 1 + 1e-5)
       True
     """
