@@ -688,7 +688,7 @@ def _expm_static(a: jax.Array) -> jax.Array:
 def _combine(coefficients: tuple[float, ...], matrices: list[jax.Array]) -> jax.Array:
     """``sum_j c_j M_j`` over the nonzero coefficients."""
     terms = [c * m for c, m in zip(coefficients, matrices) if c]
-    return cast(jax.Array, sum(terms[1:], terms[0]))
+    return sum(terms[1:], terms[0])
 
 
 PLANS = ("adaptive", "static")
