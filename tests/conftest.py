@@ -1,5 +1,6 @@
 """Suite-wide settings: float64 available, strict dtype promotion, no implicit rank promotion."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -41,6 +42,33 @@ def assert_close(actual, desired, dtype=None, scale=1.0):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test file. A worker that kept every program of
+    the suite reached Linux's limit of 65,530 memory maps (XLA's CPU code is mapped per program,
+    about 60 maps a second) and crashed compiling (a segfault, twice per full run); files share
+    programs within themselves, not across."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+
+
+_MAPS = Path("/proc/self/maps")
+
+
+@pytest.fixture(autouse=True)
+def _stay_below_the_map_limit():
+    """Within one long file too (xdist runs a file's groups back to back on a worker): past
+    40,000 maps, drop the compiled programs before the next test."""
+    yield
+    if _MAPS.exists():
+        with _MAPS.open("rb") as f:
+            count = sum(1 for _ in f)
+        if count > 40_000:
+            jax.clear_caches()
+            gc.collect()
 
 
 def exported_parametrizations() -> list[type]:
