@@ -283,9 +283,10 @@ class Orthogonal:
         if m is not None and (not isinstance(m, str) or m not in _MAPS):
             error = ValueError if isinstance(m, str) else TypeError
             raise error(
-                'orthogonal_map has to be one of "matrix_exp", "cayley", "householder", '
-                f'"polar". Got: {m!r}. Pass one of these names, or None for torch\'s default '
-                "(matrix_exp for square or complex matrices, householder otherwise)."
+                'orthogonal_map has to be one of "matrix_exp", "cayley", "householder". '
+                f'Got: {m!r}. Pass one of these names (or paramx\'s "polar"), or None for '
+                "torch's default (matrix_exp for square or complex matrices, householder "
+                "otherwise)."
             )
         triv = numerics.option_bool(_OWNER, "use_trivialization", self.use_trivialization)
         object.__setattr__(self, "use_trivialization", triv)
