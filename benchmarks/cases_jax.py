@@ -23,6 +23,9 @@ Families (see ``benchmarks/README.md`` for the goals):
   MLP (no goal: it shows how much of the unrolled figure is the unrolling).
 * ``compile/expm/n<n>``: compile time of forward + backward of paramx's matrix exponential
   against autodiff through ``jax.scipy.linalg.expm`` (no goal).
+* ``batched/<p>/<L>x<w>``: the step of an L-layer MLP of w x w kernels with
+  ``materialize(batch=True)`` (equal kernels computed in one vmapped call) against
+  ``batch=False`` (one computation per kernel), with both compile times as extra fields.
 * ``memory/<p>/W<w>``: XLA's peak memory of the compiled step against the hand-written one
   (``paramx_s``/``baseline_s`` hold bytes in these rows: ``unit`` says so).
 """
@@ -63,18 +66,20 @@ def sizes(cfg: SimpleNamespace) -> SimpleNamespace:
             widths=[16], ns=[16], expm_ns=[16], flax_widths=[16], T=5, hidden=16,
             compile_layers=4, compile_width=16, compile_params=("weight_norm",), mem_width=32,
             block=0.002, overhead_block=0.002, compile_reps=1,
+            batched=[("orthogonal", 4, 16)],
         )  # fmt: skip
     if cfg.quick:
         return SimpleNamespace(
             widths=[128, 256], ns=[64, 256], expm_ns=[64, 256], flax_widths=[128], T=100,
             hidden=128, compile_layers=64, compile_width=64,
             compile_params=("spectral_norm", "weight_norm"), mem_width=512, block=0.05,
-            overhead_block=0.1, compile_reps=5,
+            overhead_block=0.1, compile_reps=5, batched=[("orthogonal", 16, 256)],
         )  # fmt: skip
     return SimpleNamespace(
         widths=[128, 256, 512], ns=[64, 256, 512], expm_ns=[64, 256, 512],
         flax_widths=[128, 256, 512], T=100, hidden=128, compile_layers=64, compile_width=64,
         compile_params=PARAMS, mem_width=512, block=0.1, overhead_block=0.2, compile_reps=5,
+        batched=[("orthogonal", 16, 256), ("orthogonal", 64, 64), ("weight_norm", 64, 64)],
     )  # fmt: skip
 
 
@@ -622,10 +627,48 @@ def compile_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
         t_plain = float(np.median([t.sum() for t in t_plain_all]))
         yield row(
             case, t_px, f"the same {layers}-layer MLP step without parametrizations", t_plain,
-            goal=1.5, side="jax", unit="seconds to trace+lower+compile", reps=len(t_px_all),
+            goal=2.0 if name == "orthogonal" else 1.5, side="jax",
+            unit="seconds to trace+lower+compile", reps=len(t_px_all),
             paramx_trace_lower_compile_s=[round(float(t), 4) for t in px_split],
             baseline_trace_lower_compile_s=[round(float(t), 4) for t in plain_split],
             hand_inlined_s=t_hand, ratio_vs_hand_inlined=t_px / t_hand,
+        )  # fmt: skip
+
+
+def batched_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
+    """``batched/<p>/<L>x<w>``: the Adam step of an L-layer MLP whose w x w kernels are all
+    parametrized, ``materialize(batch=True)`` (one vmapped call for the L equal kernels)
+    against ``batch=False`` (one computation per kernel); goal 0.8 for 16 x 256 orthogonal.
+    Extra fields: each side's trace+lower+compile seconds (one round)."""
+    for name, layers, width in sz.batched:
+        case = f"batched/{name}/{layers}x{width}"
+        if not wanted(cfg, case):
+            continue
+        s = make_steps(name, width, depth=layers, seed=5)
+
+        def loss_for(batch: bool) -> Callable[..., Any]:
+            def loss(params: Any, state: Any, x: jax.Array, y: jax.Array) -> Any:
+                plain, new_state = px.materialize(params, state, update_state=True, batch=batch)
+                return mse(mlp_apply(plain, x), y), new_state
+
+            return loss
+
+        compiled, seconds = {}, {}
+        for batch in (True, False):
+            t0 = time.perf_counter()
+            compiled[batch] = jax.jit(s.make(loss_for(batch))).lower(*s.px_args).compile()
+            seconds[batch] = time.perf_counter() - t0
+        f_on, f_off = compiled[True], compiled[False]
+        loss_diff = float(abs(f_on(*s.px_args)[3] - f_off(*s.px_args)[3]))
+        t_on, t_off = measure(
+            blocking(f_on, *s.px_args), blocking(f_off, *s.px_args),
+            reps=max(cfg.reps, 9) if not cfg.smoke else cfg.reps, min_block_s=sz.overhead_block,
+        )  # fmt: skip
+        yield row(
+            case, t_on, "materialize(batch=False): one computation per kernel", t_off,
+            goal=0.8 if (name, layers, width) == ("orthogonal", 16, 256) else None, side="jax",
+            loss_diff=loss_diff, layers=layers, width=width,
+            compile_s_batched=seconds[True], compile_s_per_tensor=seconds[False],
         )  # fmt: skip
 
 
@@ -868,6 +911,7 @@ def rows(cfg: SimpleNamespace) -> Iterator[dict]:
     yield from linalg_rows(cfg, sz)
     yield from flax_rows(cfg, sz)
     yield from rnn_rows(cfg, sz)
+    yield from batched_rows(cfg, sz)
     yield from compile_rows(cfg, sz)
     yield from scan_compile_rows(cfg, sz)
     yield from expm_compile_rows(cfg, sz)

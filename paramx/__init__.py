@@ -30,6 +30,8 @@ Namespaces: ``paramx.linen`` (``Parametrize``, declared in a linen model), ``par
 (torch's in-place API on NNX modules), ``paramx.interop`` (PyTorch ``state_dict`` files),
 ``paramx.tensor`` (register / materialize / assign / remove on one array or node),
 ``paramx.lipschitz`` (Lipschitz and orthogonal convolutions, bounds),
+``paramx.optim`` (optimizer tags for optax masks and labels; optimizer state across model
+surgery),
 ``paramx.constraints`` (the catalogue of constraints beyond torch's three: symmetric, skew,
 sphere, positive, simplex, special orthogonal, Cholesky, positive definite, ...). The
 guides are ``README.md``, ``docs/design.md`` and ``docs/flax.md``; the API reference is built
@@ -41,12 +43,14 @@ from paramx import interop as interop
 from paramx import linen as linen
 from paramx import lipschitz as lipschitz
 from paramx import nnx as nnx
+from paramx import optim as optim
 from paramx import tensor as tensor
 from paramx._src.core.assign import assign as assign
 from paramx._src.core.inspect import get_parametrized as get_parametrized
 from paramx._src.core.inspect import is_parametrized as is_parametrized
 from paramx._src.core.inspect import originals as originals
 from paramx._src.core.inspect import summary as summary
+from paramx._src.core.load import load_plain as load_plain
 from paramx._src.core.manifold import sampler as sampler
 from paramx._src.core.manifold import update_base as update_base
 from paramx._src.core.materialize import cached as cached
@@ -59,6 +63,11 @@ from paramx._src.core.register import register_parametrization as register_param
 from paramx._src.core.remove import remove_parametrizations as remove_parametrizations
 from paramx._src.core.state import merge_state as merge_state
 from paramx._src.core.state import split_state as split_state
+from paramx._src.core.table import table as table
+from paramx._src.core.tie import Tied as Tied
+from paramx._src.core.tie import tie as tie
+from paramx._src.core.tie import ties as ties
+from paramx._src.core.tie import untie as untie
 from paramx._src.core.transfer import (
     transfer_parametrizations_and_params as transfer_parametrizations_and_params,
 )
@@ -79,10 +88,12 @@ __all__ = [
     "Parametrization",
     "Parametrized",
     "SpectralNorm",
+    "Tied",
     "WeightNorm",
     "assign",
     "get_parametrized",
     "is_parametrized",
+    "load_plain",
     "materialize",
     "merge_state",
     "originals",
@@ -97,7 +108,11 @@ __all__ = [
     "spectral_norm",
     "split_state",
     "summary",
+    "table",
+    "tie",
+    "ties",
     "transfer_parametrizations_and_params",
+    "untie",
     "update_base",
     "weight_norm",
 ]
@@ -105,5 +120,5 @@ __all__ = [
 
 def __dir__() -> list[str]:
     # help(paramx) and dir(paramx) show the public surface, not the private modules.
-    namespaces = ["constraints", "interop", "linen", "lipschitz", "nnx", "tensor"]
+    namespaces = ["constraints", "interop", "linen", "lipschitz", "nnx", "optim", "tensor"]
     return sorted([*__all__, "__version__", *namespaces])

@@ -17,10 +17,16 @@ from paramx._src.integrations.nnx.container import ParametrizationList as Parame
 from paramx._src.integrations.nnx.container import Parametrizations as Parametrizations
 from paramx._src.integrations.nnx.container import ParametrizationState as ParametrizationState
 from paramx._src.integrations.nnx.container import is_parametrized as is_parametrized
+from paramx._src.integrations.nnx.load import load_plain as load_plain
+from paramx._src.integrations.nnx.load import plain_state as plain_state
 from paramx._src.integrations.nnx.register import (
     register_parametrization as register_parametrization,
 )
 from paramx._src.integrations.nnx.remove import remove_parametrizations as remove_parametrizations
+from paramx._src.integrations.nnx.table import table as table
+from paramx._src.integrations.nnx.tie import Tied as Tied
+from paramx._src.integrations.nnx.tie import tie as tie
+from paramx._src.integrations.nnx.tie import untie as untie
 from paramx._src.integrations.nnx.wrappers import torch_functions as _torch_functions
 from paramx._src.parametrizations import BUILTINS as _BUILTINS
 
@@ -35,10 +41,16 @@ __all__ = [
     "Parametrizations",
     "SLLConv",
     "SLLLinear",
+    "Tied",
     "cached",
     "is_parametrized",
+    "load_plain",
+    "plain_state",
     "register_parametrization",
     "remove_parametrizations",
+    "table",
+    "tie",
     "type_before_parametrizations",
+    "untie",
 ]
 __all__ += sorted(_TORCH_FUNCTIONS)

@@ -9,7 +9,7 @@ from conftest import run_python
 
 import paramx as px
 
-NAMESPACES = ["linen", "nnx", "interop", "tensor", "constraints", "lipschitz"]
+NAMESPACES = ["linen", "nnx", "interop", "tensor", "constraints", "lipschitz", "optim"]
 XDIST_SPLIT = "chunk"  # conftest.py: how xdist may spread this file over workers
 CHUNKS = 3  # the doctests run in this many interpreters, which xdist spreads over the cores
 

@@ -7,7 +7,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
-from paramx._src.core import paths
+from paramx._src.core import paths, tie
 from paramx._src.core.node import Parametrized, is_node
 
 
@@ -38,6 +38,8 @@ def is_parametrized(tree: Any, where: paths.Where | None = None) -> bool:
         return any(is_node(leaf) for _, leaf in leaves)
     if callable(where) and not isinstance(where, str):
         return any(is_node(leaf) and where(path, leaf) for path, leaf in leaves)
+    if tie.tied_at(tree, where) is not None:
+        return False  # a tied leaf (paramx.tie) holds no parametrization of its own
     [i] = paths.select(tree, where)
     return is_node(leaves[i][1])
 
@@ -98,6 +100,9 @@ def originals(tree: Any, where: paths.Where) -> tuple[jax.Array, ...]:
 def summary(tree: Any) -> str:
     """A readable table of what is parametrized: path, chain, originals, params and state.
 
+    Tied leaves (:func:`paramx.tie`) are listed too, after the parametrized tensors, with the
+    leaf they read and the transform (``tied to encoder/kernel (transpose)``).
+
     Args:
       tree: A registered tree.
 
@@ -128,6 +133,7 @@ def summary(tree: Any) -> str:
                 _describe_tree(leaf.state),
             )
         )
+    rows += [(p, f"tied to {source}", "-", "-", "-") for p, source in tie.describe(tree)]
     if len(rows) == 1:
         return "No parametrized tensors."
     widths = [max(len(r[c]) for r in rows) for c in range(5)]

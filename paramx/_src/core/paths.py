@@ -237,6 +237,10 @@ def select(
             f"No {what} at path {joined!r}: a key of the tree contains '/', so this string "
             f"splits differently. Give the keys as a tuple: {slashed[0]}."
         )
+    for path, marker in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_marker)[0]:
+        if _is_marker(marker) and _path_matches(wanted, path):
+            # A leaf that holds no array (a tie) says itself why it cannot be selected.
+            raise ValueError(marker.refusal(shown, what))
     existing = [format_path(p) for p, _ in leaves]
     close = difflib.get_close_matches(shown, existing, n=5, cutoff=0.5)
     hint = (
@@ -269,6 +273,10 @@ def select_parametrized(
             )
         out.append((i, shown, node))
     return out
+
+
+def _is_marker(x: Any) -> bool:
+    return callable(getattr(type(x), "refusal", None))
 
 
 def _listing(label: str, items: list[str], limit: int = 8) -> str:

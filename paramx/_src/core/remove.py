@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from paramx._src.core import chain as ch
-from paramx._src.core import checks, paths
+from paramx._src.core import checks, paths, tie
 from paramx._src.core import parametrization as pz
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.state import merge_state
@@ -33,6 +33,7 @@ def remove_parametrizations(
         only. ``None`` (the default) removes every parametrization of the tree, the meaning
         ``None`` has wherever ``where`` accepts it.
       leave_parametrized: Keep the parametrized value (True) or the original (False).
+        A leaf tied to a tensor (:func:`paramx.tie`) stays tied and reads the new leaf.
       state: The state half, when ``tree`` is the trainable half from
         :func:`paramx.split_state` (stateful parametrizations need it to compute the value).
 
@@ -57,6 +58,7 @@ def remove_parametrizations(
     _check_flag(leave_parametrized)
     if state is not None:
         tree = merge_state(tree, state)
+    tie.refuse_tied(tree, where, "nothing to remove")  # ties stay: `paramx.untie` breaks them
     replacements = {}
     for i, where_s, node in paths.select_parametrized(tree, where, doing="nothing to remove"):
         replacements[i] = _remove_node(node, leave_parametrized, where_s)

@@ -8,7 +8,7 @@ from typing import Any, cast
 import jax.numpy as jnp
 
 from paramx._src.core import chain as ch
-from paramx._src.core import checks, paths
+from paramx._src.core import checks, paths, tie
 from paramx._src.core.node import is_node
 
 
@@ -23,7 +23,9 @@ def transfer_parametrizations_and_params(
     ``to_tree``; arrays are immutable, so sharing them is safe. A target tensor that exists,
     plain or parametrized, must have the parametrized tensor's shape and dtype; one that does
     not exist is created (as torch creates it on the target module), with any missing dict
-    levels on its way. Neither tree is modified.
+    levels on its way. Tied leaves (:func:`paramx.tie`) go along too (all of them with
+    ``where=None``, or the one a path names), onto leaves of the same shape and dtype. Neither
+    tree is modified.
 
     Args:
       from_tree: The registered tree to copy from.
@@ -41,6 +43,9 @@ def transfer_parametrizations_and_params(
       >>> px.is_parametrized(dst, "w"), px.is_parametrized(dst, "b")
       (True, False)
     """
+    to_tree = tie.transfer_ties(from_tree, to_tree, where)  # ties (paramx.tie) go along
+    if tie.tied_at(from_tree, where) is not None:
+        return to_tree
     src_leaves = paths.leaves_with_paths(from_tree)
     if not any(is_node(leaf) for _, leaf in src_leaves):
         return to_tree

@@ -37,7 +37,7 @@ import jax
 import yaml
 
 from paramx._src.core import parametrization as pz
-from paramx._src.core import paths
+from paramx._src.core import paths, tie
 from paramx._src.core.materialize import materialize
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.register import register_parametrization
@@ -184,19 +184,47 @@ def _spec(group: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(first.shape, first.dtype)
 
 
+def normalize_ties(ties: Any) -> tuple[tuple[Any, Any, Any], ...]:
+    """``{where: source}``, ``{where: (source, transform)}`` or a sequence of
+    ``(where, source)`` / ``(where, source, transform)`` as ``((where, source, transform), ...)``.
+    """
+    if ties is None:
+        return ()
+    items = list(ties.items()) if isinstance(ties, Mapping) else list(ties)
+    out = []
+    for item in items:
+        ok = isinstance(item, tuple | list) and len(item) in (2, 3)
+        if ok and len(item) == 2:
+            where, value = item
+            if isinstance(value, tuple | list) and len(value) == 2 and callable(value[1]):
+                item = (where, *value)
+            else:
+                item = (where, value, None)
+        if not ok:
+            raise TypeError(
+                f"Each tie must be where -> source, where -> (source, transform), or a "
+                f"(where, source, transform) triple; got {item!r}. Write ties as "
+                '{"decoder/kernel": ("encoder/kernel", jnp.transpose)}.'
+            )
+        out.append(tuple(item))
+    return tuple(out)
+
+
 def _register(wrapper: Parametrize, plain: Any, key: jax.Array) -> Any:
-    """Registers ``wrapper``'s rules on ``plain``."""
+    """Registers ``wrapper``'s rules on ``plain``, then makes its ties."""
     tree = plain
-    for where, p in normalize_rules(wrapper.rules):
-        try:
+    try:
+        for where, p in normalize_rules(wrapper.rules):
             tree = register_parametrization(
                 tree, where, p, unsafe=wrapper.unsafe, key=key, batch_axes=wrapper.batch_axes
             )
-        except ValueError as e:
-            raise ValueError(
-                f"paramx.linen.Parametrize around {type(wrapper.module).__name__} "
-                f"(paths are relative to it): {e}"
-            ) from None
+        for where, source, transform in normalize_ties(wrapper.ties):
+            tree = tie.tie(tree, where, source, transform=transform)
+    except ValueError as e:
+        raise ValueError(
+            f"paramx.linen.Parametrize around {type(wrapper.module).__name__} "
+            f"(paths are relative to it): {e}"
+        ) from None
     return tree
 
 
@@ -289,6 +317,13 @@ class Parametrize(nn.Module):
         parametrized on its own. Passed to :func:`paramx.register_parametrization`.
       layout: ``"nodes"`` (default) or ``"arrays"`` (plain arrays in ``'params'``, for
         ``nnx.bridge.ToNNX``), as described above.
+      ties: Tied parameters, made after the rules are registered (see :func:`paramx.tie`):
+        ``{where: source}`` or ``{where: (source, transform)}`` (or a sequence of
+        ``(where, source, transform)`` triples), paths relative to the wrapped module. The
+        variables hold one copy, the source's; the tied leaf is a :class:`paramx.Tied`
+        marker and reads ``transform(source's value)`` (the constrained value, if the source
+        is parametrized) at every apply. At ``init`` the model's output still uses the tied
+        leaf's own initial value. Needs ``layout="nodes"``.
 
     Examples:
       >>> import jax
@@ -335,10 +370,25 @@ class Parametrize(nn.Module):
       >>> value = train_step(model, opt, jnp.ones((2, 3)))
       >>> model(jnp.ones((1, 3))).shape  # evaluation: the state is read, not changed
       (1, 3)
+
+      Tied weights: the decoder reads the transpose of the orthogonal encoder kernel.
+
+      >>> class AutoEncoder(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(4, name="decoder")(nn.Dense(2, name="encoder")(x))
+      >>> model = px.linen.Parametrize(
+      ...     AutoEncoder(), {"encoder/kernel": px.Orthogonal()},
+      ...     ties={"decoder/kernel": ("encoder/kernel", jnp.transpose)})
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> variables["params"]["decoder"]["kernel"]
+      Tied(source='../encoder/kernel', transform=transpose, float32[2, 4])
+      >>> model.apply(variables, jnp.ones((1, 4))).shape
+      (1, 4)
     """
 
     module: nn.Module
-    rules: Any
+    rules: Any = ()
     state_collection: str = _STATE_COLLECTION
     use_running_average: bool | None = None
     update_state: bool | None = None
@@ -346,6 +396,7 @@ class Parametrize(nn.Module):
     collection: str = "params"
     batch_axes: int = 0
     layout: str = "nodes"
+    ties: Any = None
 
     def setup(self) -> None:
         if self.layout not in _LAYOUTS:
@@ -353,6 +404,12 @@ class Parametrize(nn.Module):
                 f"{self._where()}: `layout` must be 'nodes' (the params collection holds "
                 f"paramx.Parametrized nodes) or 'arrays' (it holds plain arrays, as "
                 f"nnx.bridge.ToNNX needs); got {self.layout!r}."
+            )
+        if self.ties and self.layout == "arrays":
+            raise ValueError(
+                f"{self._where()}: `ties` needs layout='nodes' (the tied leaf is stored as a "
+                f"paramx.Tied marker, which the arrays layout cannot hold). With NNX, tie "
+                f"natively instead: share the Variable, or use paramx.nnx.tie."
             )
         nn.share_scope(self, self.module)
         self._memo = _Memo()
@@ -436,7 +493,7 @@ class Parametrize(nn.Module):
         if self.scope is None:
             return False
         found = self.variables.get(self.collection, {})
-        return bool(_nodes(found)) or bool(_groups(found))
+        return bool(_nodes(found)) or bool(_groups(found)) or tie.has_ties(found)
 
     @nn.nowrap
     def _layout_error(self, at: str, found: str, made: str) -> ValueError:
@@ -630,3 +687,6 @@ def _represent_node(dumper: yaml.SafeDumper, node: Parametrized) -> yaml.Node:
 
 
 yaml.SafeDumper.add_representer(Parametrized, _represent_node)
+yaml.SafeDumper.add_representer(  # a tied leaf in model.tabulate: the leaf it reads
+    tie.Tied, lambda dumper, t: dumper.represent_dict({"tied": t.source})
+)

@@ -32,8 +32,8 @@ import jax
 
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.paths import format_path
+from paramx._src.core.table import ROLES, label_node
 
-ROLES = ("original", "parametrization", "plain", "state")
 DEFAULT_LABELS: dict[str, str] = {role: role for role in ROLES}
 
 Labels = (
@@ -196,10 +196,4 @@ def _label_leaf(leaf: Any, names: Mapping[str, Any]) -> Any:
     if not is_node(leaf):
         return names["plain"]
     node: Parametrized = leaf
-    originals = tuple(
-        names.get(n, names["original"]) if node.multi else names["original"]
-        for n in node.original_names
-    )
-    params = jax.tree_util.tree_map(lambda _: names["parametrization"], node.params)
-    state = jax.tree_util.tree_map(lambda _: names["state"], node.state)
-    return node.replace(originals=originals, params=params, state=state)
+    return label_node(node, names)  # the roles are the core's (paramx.table reads them too)

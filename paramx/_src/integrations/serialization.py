@@ -4,6 +4,9 @@ A parametrized leaf is stored as ``{'original': ...}`` (or ``'original0'``, ``'o
 ...), plus ``'params'`` and ``'state'`` dicts keyed by link position when present. Restoring
 needs a target tree with the same registrations (for example the one built from a fresh
 ``model.init``), as everywhere in Flax: the parametrizations themselves are code, not data.
+
+A tied leaf (:func:`paramx.tie`) holds no array and is stored as an empty dict: the checkpoint
+holds one copy of a tied array, at its source. Restoring keeps the target's tie.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from flax import serialization
 
 from paramx._src.core.node import Parametrized
+from paramx._src.core.tie import Tied
 
 
 def _to_state_dict(node: Parametrized) -> dict[str, Any]:
@@ -61,4 +65,26 @@ def _from_state_dict(target: Parametrized, state: Any) -> Parametrized:
 
 serialization.register_serialization_state(
     Parametrized, _to_state_dict, _from_state_dict, override=True
+)
+
+
+def _tied_to_state_dict(tied: Tied) -> dict[str, Any]:
+    return {}
+
+
+def _tied_from_state_dict(target: Tied, state: Any) -> Tied:
+    if state is None or (isinstance(state, Mapping) and not state):
+        return target
+    where = serialization.current_path().lstrip("./") or "<root>"
+    got = f"an array of shape {list(np.shape(state))}" if hasattr(state, "shape") else "data"
+    raise ValueError(
+        f"Cannot restore the tied leaf at {where} (it reads {target.source!r}): the saved data "
+        f"holds {got} there, so it was saved from a tree without this tie. Restore into the "
+        f"untied template (`paramx.untie(target)`, or the plain `model.init` output) and tie "
+        f"afterwards, which keeps the source's array and drops this one."
+    )
+
+
+serialization.register_serialization_state(
+    Tied, _tied_to_state_dict, _tied_from_state_dict, override=True
 )

@@ -493,6 +493,21 @@ class Orthogonal:
         s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
         return jnp.sqrt(jnp.sum(jnp.square(s - 1), axis=-1))
 
+    def health(
+        self, value: jax.Array, inputs: Any, *, params: Any, state: Any
+    ) -> dict[str, jax.Array]:
+        """Health figure for :func:`paramx.table`: ``orth_error``, the Frobenius norm of
+        ``QᴴQ - I`` in ``forward``'s orientation (the largest over a batch of matrices); 0 for
+        an orthogonal value, away from 0 when rounding or a corrupted base moved it off."""
+        t = value.astype(compute_dtype(value.dtype))
+        if _flip(t):
+            t = _mT(t)
+        k = t.shape[-1]
+        gram = matmul(_mH(t), t)
+        err = gram - jnp.broadcast_to(jnp.eye(k, dtype=t.dtype), gram.shape)
+        per_matrix = jnp.sqrt(jnp.sum(jnp.square(jnp.abs(err)), axis=(-2, -1)))
+        return {"orth_error": jnp.max(per_matrix, initial=0.0)}
+
     # ----- helpers -------------------------------------------------------------------------
     def _check_shape(self, q: Any, state: Any) -> None:
         """torch's shape check on assignment, as far as the state (the base) tells the shape."""

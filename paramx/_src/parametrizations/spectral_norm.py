@@ -237,6 +237,27 @@ class SpectralNorm:
         sigma = jnp.where(sigma == 0, jnp.ones_like(sigma), sigma)
         return (w.astype(sigma.dtype) / sigma).astype(w.dtype)
 
+    def health(
+        self, value: jax.Array, inputs: Any, *, params: Any, state: Any
+    ) -> dict[str, jax.Array]:
+        """Health figures for :func:`paramx.table`: ``sigma``, the estimate ``uᴴWv`` that the
+        state holds (what ``forward`` divides by), and ``sigma_true``, the largest singular
+        value of the tensor's matrix (an SVD). They agree once the power iteration converged;
+        a 1-D tensor reports its norm as both."""
+        (w,) = inputs
+        if state is None:
+            norm = _norm(w.astype(compute_dtype(w.dtype)))
+            return {"sigma": norm, "sigma_true": norm}
+        mt = self._matrix_t(w).astype(state["u"].dtype)
+        sigma = jnp.real(
+            jnp.vdot(
+                matmul(jnp.conj(mt), state["u"]), state["v"], precision=jax.lax.Precision.HIGHEST
+            )
+        )
+        if mt.size == 0:
+            return {"sigma": sigma, "sigma_true": jnp.zeros_like(sigma)}
+        return {"sigma": sigma, "sigma_true": jnp.linalg.svd(mt, compute_uv=False)[0]}
+
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         self._check(value)
         if state is not None:  # the state's u and v tell the registered matrix's shape

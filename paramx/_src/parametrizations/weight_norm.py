@@ -127,6 +127,17 @@ class WeightNorm:
     def right_inverse(self, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.norm(w), w
 
+    def health(
+        self, value: jax.Array, inputs: Any, *, params: Any, state: Any
+    ) -> dict[str, jax.Array]:
+        """Health figure for :func:`paramx.table`: ``v_norm_min``, the smallest norm of a slice
+        of the direction v. The gradient through ``v / |v|`` grows like ``1 / |v|``, so a
+        slice whose norm shrinks towards 0 makes training unstable."""
+        norms = jnp.real(self.norm(inputs[1]))
+        if norms.size == 0:
+            return {"v_norm_min": jnp.zeros((), norms.dtype)}
+        return {"v_norm_min": jnp.min(norms)}
+
     # ----- torch interop: the protocol of paramx._src.integrations.torch ------------------
     # torch.nn.utils.weight_norm's hook-based keys: `<module>.<name>_g`, `<module>.<name>_v`.
     torch_legacy_suffixes = ("_g", "_v")

@@ -174,10 +174,20 @@ def match_keys(
                 f"{sorted(mine)}, which looks like {guess_torch_chain(mine, t)}."
             )
             if strict:
+                plain_hint = (
+                    " To load a plain model's weights into this parametrized template through "
+                    "right_inverse, read them into the plain tree and load that: "
+                    "paramx.load_plain(template, from_torch_state_dict(state_dict, "
+                    "paramx.materialize(template))) (NNX: paramx.nnx.load_plain(model, "
+                    "from_torch_state_dict(state_dict, plain_model)))."
+                    if mine == [t.plain_key]
+                    else ""
+                )
                 raise ValueError(
                     f"{text} Register the same parametrizations, with the same options and in "
                     f"the same order, on the template (or remove them from the torch model with "
                     f"torch.nn.utils.parametrize.remove_parametrizations before saving)."
+                    f"{plain_hint}"
                 )
             notes.append(text)
         found = False
