@@ -26,8 +26,8 @@ autoencoder: ``encoder`` (Dense dim -> code), a learnable per-code ``scale`` (``
 Checks: the checkpoint (``flax.serialization`` bytes of the trainable half) holds one copy of
 the tied kernel; the decoder kernel equals the encoder kernel's transpose after training; the
 orthogonality error stays below a bound; the loss went down and ends near the noise floor;
-the loss does not jump at the surgery; the decay mask leaves out exactly the biases and the
-scale.
+Adam's moments are carried over the surgery unchanged and the loss does not jump there; the
+decay mask leaves out exactly the biases and the scale.
 
 Run: ``python examples/parameter_management.py`` (under a minute on 2 CPU cores). Larger
 settings: ``--dim 256 --code 32 --rank 32 --steps 4000``.
@@ -205,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     new_tx = optax.adamw(args.lr, weight_decay=args.decay, mask=new_mask)
     carried = optim.carry_state(new_tx, opt, params, new_params)
     same_value = _util.max_diff(px.materialize(before), px.materialize(rebased))
+    # Adam's first and second moments (state[0] of adamw's chain), old and carried, leaf by leaf
+    moments = [jax.tree.leaves((o.mu, o.nu)) for o in (opt[0], carried[0])]
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*moments, strict=True))
     new_chunk = make_chunk(model, x, new_tx, args.chunk)
     final, _, loss2, orth2 = train(
         new_chunk, new_params, new_state, carried, n_chunks - first, "phase 2", args.smoke
@@ -229,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     stored = checkpoint_arrays(final)
     kernels = [k for k, shape in stored.items() if sorted(shape) == sorted((args.dim, args.code))]
     _util.check("checkpoint: copies of the tied kernel", ", ".join(kernels), len(kernels) == 1)
+    untied = px.split_state(px.untie(end_tree))[0]
+    tied_bytes, untied_bytes = (len(flax.serialization.to_bytes(t)) for t in (final, untied))
+    print(
+        f"  (checkpoint bytes: {tied_bytes:,} tied, {untied_bytes:,} after px.untie; "
+        f"one kernel is {4 * args.dim * args.code:,})"
+    )
     plain_end = px.materialize(end_tree)
     gap = _util.max_diff(plain_end["decoder"]["kernel"], plain_end["encoder"]["kernel"].T)
     _util.check("decoder kernel == encoder kernelᵀ: max |difference|", gap, gap == 0.0)
@@ -241,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.smoke:
         _util.check(f"final loss / noise floor {floor:.4f}", end / floor, end < 1.5 * floor)
     _util.check("surgery keeps the function: max |Δ plain params|", same_value, same_value < 1e-5)
+    _util.check("Adam moments carried over the surgery: max |Δ|", moved, moved == 0.0)
     jump = float(loss2[0] / loss1[-1])
     _util.check("loss after surgery / before (carried Adam state)", jump, jump < 1.01)
     fresh_jump = float(loss_fresh[: args.chunk].max() / loss1[-1])
