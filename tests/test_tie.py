@@ -378,3 +378,20 @@ def test_nnx_tie_to_an_orthogonal_kernel_and_untie():
     px.nnx.untie(model.dec, "kernel")
     assert isinstance(model.dec.kernel, nnx.Param)
     assert_close(model.dec.kernel[...], w)
+
+
+def test_orbax_round_trip_of_a_tied_tree(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params, state = px.split_state(px.orthogonal(_tied(_params()), "enc/kernel"))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "params", params)
+    ckpt.wait_until_finished()
+    fresh = px.split_state(px.orthogonal(_tied(_params()), "enc/kernel"))[0]
+    fresh = jax.tree.map(jnp.zeros_like, fresh)
+    restored = ckpt.restore(tmp_path / "params", fresh)
+    assert isinstance(restored["dec"]["kernel"], px.Tied)
+    assert len(jax.tree.leaves(restored)) == len(jax.tree.leaves(params))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    plain = px.materialize(restored, state)
+    assert_close(plain["dec"]["kernel"], plain["enc"]["kernel"].T)
