@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
+from conftest import run_python
 from jax.scipy.linalg import expm
 
 from paramx._src.parametrizations import linalg
@@ -458,3 +459,21 @@ def test_polar_input_checks():
     with pytest.raises(TypeError, match="real floating"):
         linalg.polar(jnp.zeros((3, 3), jnp.complex64))
     assert linalg.polar(jnp.zeros((0, 3, 2))).shape == (0, 3, 2)
+
+
+def test_concurrent_complex_cayley_transforms_finish():
+    # Four complex Cayley transforms (and their VJPs) in one program: the transposed-LU path
+    # hung on XLA:CPU with two threads (every thread waiting), so complex inputs take
+    # jnp.linalg.solve. A fresh interpreter with a deadline, so a hang fails instead of blocking.
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "from paramx._src.parametrizations import linalg\n"
+        "def mk(i, b):\n"
+        "    a = jax.random.normal(jax.random.key(i), (b, 8, 8)).astype(jnp.complex64)\n"
+        "    return a - jnp.swapaxes(a, -1, -2).conj()\n"
+        "ms = [mk(i, b) for i, b in enumerate([256, 256, 64, 64])]\n"
+        "f = lambda ms: sum(jnp.sum(jnp.abs(linalg.cayley(m)) ** 2) for m in ms)\n"
+        "print(float(jax.jit(jax.grad(lambda ms: f(ms).real))(ms)[0].real.sum()))\n"
+    )
+    run = run_python("-c", script, timeout=120)
+    assert run.returncode == 0, run.stderr

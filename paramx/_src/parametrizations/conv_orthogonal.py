@@ -572,6 +572,10 @@ class CayleyConv:
     """An orthogonal circular convolution by the Cayley transform in the Fourier domain
     (Trockman & Kolter 2021); register it with :func:`cayley_conv`.
 
+    Known issue: on XLA:CPU (jaxlib 0.10.2) a jitted training step with several of these
+    layers has been seen to hang with two or more threads (every thread waiting; one layer, or
+    one CPU, runs). Under investigation; ``benchmarks/README.md`` has the reproduction.
+
     For ``padding="CIRCULAR"``, stride 1 and dilation 1 on inputs of size ``n``, the value's
     response at each DFT frequency is ``B(w) Q(w)`` with ``Q = cayley(V - Vᴴ)`` of the raw
     kernel's response ``V`` and ``B`` a unitary base kept as state (the nearest orthogonal conv
