@@ -46,6 +46,9 @@ Methods (paramx side: each conv kernel registered with the method's tree functio
 * ``soc``: skew-orthogonal convolution (truncated exponential series, the parametrization's
   default number of terms); peer orthogonium ``AdaptiveSOCConv2d`` (an explicit-kernel
   variant of SOC: a different construction of the same family, no goal).
+* ``soc_series``: the same SOC operator applied term by term (``paramx.linen.SOCConv``: 5
+  convs with the raw 3x3 kernel per layer instead of one with the merged 11x11 kernel); peer
+  orthogonium ``AdaptiveSOCConv2d``.
 * ``cayley_fft``: the Cayley transform in the Fourier domain (circular padding, the input
   size known); no CPU peer (orthogonium's ``legacy`` Cayley, SOC and BCOP layers allocate on
   CUDA).
@@ -125,7 +128,8 @@ class Method:
     function: tuple[str, ...]  # candidate names of the tree function
     kwargs: tuple[tuple[str, Any], ...] = ()
     layer: str = "conv"  # "conv": 3x3 conv; "soc": the SOC kernel size; "fft": a full n x n
-    # kernel applied by FFT; "sll": an SLL residual block; "plain": no registration
+    # kernel applied by FFT; "sll": an SLL residual block; "soc_series": SOCConv (no
+    # registration, like "sll"); "plain": no registration
     padding: str = "CIRCULAR"
     goal: float | None = None  # against the plain CNN
     peers: tuple[Peer, ...] = ()
@@ -262,6 +266,14 @@ METHODS = (
         detail="6 terms: the layer applies the merged 11x11 kernel",
     ),
     Method(
+        "soc_series",
+        "paramx._src.integrations.lipschitz_layers",
+        ("SOCConv",),
+        layer="soc_series",
+        peers=(_ORTHOGONIUM_SOC,),
+        detail="6 terms applied term by term: 5 convs with the raw 3x3 kernel (SOCConv)",
+    ),
+    Method(
         "conv_spectral_norm_fft",
         f"{_LIP}.conv_spectral_norm",
         ("conv_spectral_norm",),
@@ -325,6 +337,8 @@ def _jax_model(sizes: Sizes, method: Method | None) -> Any:
     layer = "conv" if method is None else method.layer
     if layer == "sll":
         from paramx._src.integrations.lipschitz_layers import SLLConv
+    if layer == "soc_series":
+        from paramx._src.integrations.lipschitz_layers import SOCConv
     if layer == "fft":
         fft_conv = _fft_conv_class()
     ksize = (3, 3)
@@ -347,6 +361,8 @@ def _jax_model(sizes: Sizes, method: Method | None) -> Any:
                     x = SLLConv(c, (3, 3), padding=padding, name=name)(x)
                 elif layer == "fft":
                     x = _maxmin(fft_conv(c, name=name)(x))
+                elif layer == "soc_series":
+                    x = _maxmin(SOCConv(c, (3, 3), padding=padding, name=name)(x))
                 else:
                     x = _maxmin(nn.Conv(c, ksize, padding=padding, name=name)(x))
             x = jnp.mean(x, axis=(1, 2)) * math.sqrt(x.shape[1] * x.shape[2])
@@ -397,7 +413,7 @@ def _jax_step(method: Method | None, sizes: Sizes) -> tuple[Callable[[], object]
     x_np, y_np = _data(sizes)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     tree = jax.jit(model.init)(jax.random.key(0), x)
-    if method is not None and method.layer not in ("sll", "plain"):
+    if method is not None and method.layer not in ("sll", "soc_series", "plain"):
         fn = _resolve(method)
         for i in range(4):
             tree = fn(

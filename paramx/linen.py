@@ -6,5 +6,6 @@
 from paramx._src.integrations.linen import Parametrize as Parametrize
 from paramx._src.integrations.lipschitz_layers import SLLConv as SLLConv
 from paramx._src.integrations.lipschitz_layers import SLLDense as SLLDense
+from paramx._src.integrations.lipschitz_layers import SOCConv as SOCConv
 
-__all__ = ["Parametrize", "SLLConv", "SLLDense"]
+__all__ = ["Parametrize", "SLLConv", "SLLDense", "SOCConv"]

@@ -8,8 +8,9 @@ input size: :class:`ConvGeometry` holds those options, spelled as Flax spells th
 - Normalization: :func:`conv_spectral_norm` (power iteration on the conv itself, the exact
   circular spectrum by FFT, or a certified Gram-iteration bound).
 - Orthogonal convolutions: :func:`bcop` (block convolution orthogonal, any padding and
-  stride), :func:`soc` (skew-orthogonal convolution), :func:`cayley_conv` (Cayley transform in
-  the Fourier domain; circular padding).
+  stride), :func:`soc` (skew-orthogonal convolution; :func:`soc_conv` and the layers
+  ``paramx.linen.SOCConv`` / ``paramx.nnx.SOCConv`` apply it term by term),
+  :func:`cayley_conv` (Cayley transform in the Fourier domain; circular padding).
 - Cheap rescalings that make any kernel 1-Lipschitz: :func:`aol`, :func:`sll` (and the SLL
   residual blocks ``paramx.linen.SLLDense`` / ``SLLConv``, ``paramx.nnx.SLLLinear`` /
   ``SLLConv``).
@@ -41,6 +42,7 @@ from paramx._src.parametrizations.conv_orthogonal import (
 from paramx._src.parametrizations.conv_orthogonal import bcop as bcop
 from paramx._src.parametrizations.conv_orthogonal import cayley_conv as cayley_conv
 from paramx._src.parametrizations.conv_orthogonal import soc as soc
+from paramx._src.parametrizations.conv_orthogonal import soc_conv as soc_conv
 from paramx._src.parametrizations.conv_orthogonal import soc_kernel_size as soc_kernel_size
 from paramx._src.parametrizations.conv_spectral_norm import ConvSpectralNorm as ConvSpectralNorm
 from paramx._src.parametrizations.conv_spectral_norm import (
@@ -88,5 +90,6 @@ __all__ = [
     "operator_norm",
     "sll",
     "soc",
+    "soc_conv",
     "soc_kernel_size",
 ]

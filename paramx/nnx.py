@@ -8,6 +8,7 @@ one for each class that declares ``torch_function``.
 """
 
 from paramx._src.integrations.lipschitz_layers import NNXSLLConv as SLLConv
+from paramx._src.integrations.lipschitz_layers import NNXSOCConv as SOCConv
 from paramx._src.integrations.lipschitz_layers import SLLLinear as SLLLinear
 from paramx._src.integrations.nnx.cache import cached as cached
 from paramx._src.integrations.nnx.classes import (
@@ -41,6 +42,7 @@ __all__ = [
     "Parametrizations",
     "SLLConv",
     "SLLLinear",
+    "SOCConv",
     "Tied",
     "cached",
     "is_parametrized",

@@ -16,12 +16,71 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+# One CPU per xdist worker. XLA sizes its thread pools by the CPUs a process may use, and so do
+# OpenBLAS and Eigen; two workers on two cores each running two-thread pools spend CPU time
+# waiting on each other (spinning pools, context switches). Pinned, each worker and the scripts
+# it starts (they inherit the mask) run on their own CPU. Tests that need several threads widen
+# the mask in their own subprocess (tests/test_lapack_threads.py).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    _count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if 1 < _count <= len(_cpus):
+        _mine = _cpus[int(_WORKER[2:]) % _count :: _count]
+        os.sched_setaffinity(0, _mine)
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(len(_mine)))
+
+# Share compiled programs across the whole run. Tests build fresh closures, so JAX's in-memory
+# caches (keyed by function identity) recompile programs that another test, test file, xdist
+# worker or script already compiled; JAX's persistent cache is keyed by the program itself. One
+# fresh directory per run (made by the first process, inherited by xdist workers and by the
+# scripts the suite starts; removed at the end), and every program cached however fast it
+# compiled. No size limit: with one, JAX locks the directory and rescans it on every write,
+# which serialized the workers (11,000 entries per run). Writes are made atomic below instead.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="paramx-tests-jax-cache-")
+    os.environ["PARAMX_TESTS_OWN_JAX_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402  (after XLA_FLAGS)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _atomic_cache_writes() -> None:
+    """JAX's cache without a size limit writes an entry in place, so a process reading it at
+    that moment (another xdist worker, a script) could read half of it: write a temporary file
+    and rename it instead (atomic on one filesystem)."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:  # a JAX without this module: leave its cache as it is
+        return
+    put = getattr(lru_cache.LRUCache, "put", None)
+    suffix = getattr(lru_cache, "_CACHE_SUFFIX", None)
+    if put is None or suffix is None:
+        return
+
+    def atomic_put(self, key: str, value: bytes) -> None:
+        if getattr(self, "eviction_enabled", True):
+            return put(self, key, value)
+        path = Path(str(self.path)) / f"{key}{suffix}"
+        if path.exists():
+            return None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(value)
+        os.replace(tmp, path)
+        return None
+
+    lru_cache.LRUCache.put = atomic_put
+
+
+_atomic_cache_writes()
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -171,6 +230,14 @@ def _group(item) -> str:
     if split in indices:
         return f"{group}::{split}{indices[split]}"
     return group
+
+
+def pytest_unconfigure(config):
+    own = os.environ.get("PARAMX_TESTS_OWN_JAX_CACHE")
+    if own and not hasattr(config, "workerinput"):  # the process that made it removes it
+        import shutil
+
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def pytest_configure(config):

@@ -77,3 +77,66 @@ def test_a_detector_that_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from paramx._src.integrations import linen\n")
     assert [_layer_of(m) for m, _ in _imports(bad)] == ["integrations"]
+
+
+# Batched LAPACK calls go through numerics.lapack (XLA:CPU hangs otherwise; see
+# tests/test_lapack_threads.py). A direct call such as ``jnp.linalg.svd(x)`` is refused here; the
+# function passed to ``numerics.lapack(jnp.linalg.svd, x)`` is not a call.
+_LAPACK_BACKED = {
+    "jnp.linalg": {
+        "svd",
+        "eigh",
+        "eigvalsh",
+        "eig",
+        "qr",
+        "cholesky",
+        "det",
+        "slogdet",
+        "solve",
+        "inv",
+        "pinv",
+        "lstsq",
+        "matrix_rank",
+    },
+    "lax.linalg": {"lu", "qr", "svd", "eigh", "cholesky", "triangular_solve"},
+    "jax.scipy.linalg": {
+        "solve_triangular",
+        "lu",
+        "lu_factor",
+        "qr",
+        "svd",
+        "eigh",
+        "cholesky",
+        "solve",
+        "inv",
+        "det",
+    },
+}
+
+
+def _direct_lapack_calls(source: str) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = ast.unparse(node.func.value)
+            if node.func.attr in _LAPACK_BACKED.get(owner, ()):
+                found.append((node.lineno, ast.unparse(node.func)))
+    return found
+
+
+def test_batched_lapack_calls_go_through_numerics_lapack():
+    calls = [
+        f"{p.relative_to(ROOT.parent)}:{line} {name}"
+        for p in sorted(SRC.rglob("*.py"))
+        if p.name != "numerics.py"
+        for line, name in _direct_lapack_calls(p.read_text(encoding="utf-8"))
+    ]
+    assert not calls, (
+        "call these through paramx._src.parametrizations.numerics.lapack(fn, *matrices, "
+        "**options) (a batched LAPACK call can hang XLA:CPU): " + "; ".join(calls)
+    )
+
+
+def test_the_lapack_detector_can_fail():
+    source = "u = jnp.linalg.svd(x)\nok = numerics.lapack(jnp.linalg.svd, x)\n"
+    assert _direct_lapack_calls(source) == [(1, "jnp.linalg.svd")]

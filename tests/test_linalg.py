@@ -462,10 +462,13 @@ def test_polar_input_checks():
 
 
 def test_concurrent_complex_cayley_transforms_finish():
-    # Four complex Cayley transforms (and their VJPs) in one program: the transposed-LU path
-    # hung on XLA:CPU with two threads (every thread waiting), so complex inputs take
-    # jnp.linalg.solve. A fresh interpreter with a deadline, so a hang fails instead of blocking.
+    # Four complex Cayley transforms (and their VJPs) in one program: their batched LU
+    # factorizations and triangular solves, side by side, hung XLA:CPU with two threads (every
+    # pool thread waiting for tasks of jaxlib's own; numerics.lapack now chunks them). A fresh
+    # interpreter with a deadline, so a hang fails instead of blocking.
     script = (
+        "import os\n"
+        "os.sched_setaffinity(0, range(os.cpu_count()))\n"  # the suite pins workers to 1 CPU
         "import jax, jax.numpy as jnp\n"
         "from paramx._src.parametrizations import linalg\n"
         "def mk(i, b):\n"

@@ -1,4 +1,5 @@
-"""SLL residual blocks (Araujo et al., ICLR 2023) as linen and NNX layers.
+"""SLL residual blocks (Araujo et al., ICLR 2023) and term-by-term SOC convolutions as linen and
+NNX layers.
 
 ``y = x - 2 relu(P_K x + T^(-1/2) b)`` mapped back by ``P_Kᵀ``, where ``P_K`` is the Dense
 layer or the conv with the rescaled kernel ``K = W T^(-1/2)`` of
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from paramx._src.parametrizations import convops
+from paramx._src.parametrizations.conv_orthogonal import SkewOrthogonalConv, soc_conv
 from paramx._src.parametrizations.lipschitz_rescaling import SLL, per_output
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
@@ -175,6 +177,85 @@ class SLLConv(nn.Module):
         return sll_block(x, kernel, bias, log_q, geometry, dtype=self.dtype)
 
 
+class SOCConv(nn.Module):
+    """A skew-orthogonal convolution applied term by term (linen): the operator of
+    :func:`~paramx.lipschitz.soc` with the merged kernel, computed as ``terms - 1`` convs with
+    the raw ``kernel_size`` (:func:`~paramx.lipschitz.soc_conv`), plus a bias.
+
+    Orthogonal (to the truncation of the series) for ``features == in`` with ``"SAME"`` or
+    ``"CIRCULAR"`` padding; 1-Lipschitz for every channel count and stride. Its parameters are
+    the raw kernel ``(*kernel_size, in, features)`` and the bias.
+
+    Attributes:
+      features: The output channels.
+      kernel_size: The raw kernel's spatial size, odd, e.g. ``(3, 3)``.
+      terms: Terms of the exponential series (default 6).
+      max_norm: The bound on the scaled skew conv's norm (default 1).
+      strides: As ``flax.linen.Conv``'s (the stride-1 output is subsampled).
+      padding: ``"SAME"`` or ``"CIRCULAR"``.
+      kernel_dilation: As ``flax.linen.Conv``'s.
+      use_bias: Whether to add a bias.
+      kernel_init: Initializer of the raw kernel.
+      bias_init: Initializer of the bias.
+      dtype: Computation dtype (``None``: the parameters').
+      param_dtype: Dtype of the parameters.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from paramx.linen import SOCConv
+      >>> layer = SOCConv(4, (3, 3), terms=10, use_bias=False)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> y = layer.apply(variables, x)
+      >>> bool(jnp.allclose(jnp.linalg.norm(y), jnp.linalg.norm(x), rtol=1e-5))
+      True
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    terms: int = 6
+    max_norm: float = 1.0
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    kernel_dilation: int | Sequence[int] = 1
+    use_bias: bool = True
+    kernel_init: Callable[..., Any] = _DEFAULT_KERNEL_INIT
+    bias_init: Callable[..., Any] = nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        geometry = _geometry(self.strides, self.padding, self.kernel_dilation)
+        shape = (*tuple(self.kernel_size), jnp.shape(x)[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        return _soc_layer(x, kernel, bias, self.terms, self.max_norm, geometry, self.dtype)
+
+
+def _soc_layer(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    terms: int,
+    max_norm: float,
+    geometry: convops.ConvGeometry,
+    dtype: Any,
+) -> jax.Array:
+    """``soc_conv`` plus the bias, in Flax's dtype rule (``None`` promotes the input and the
+    parameters)."""
+    if bias is None:
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=dtype)
+    else:
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    y = soc_conv(x, kernel, terms=terms, max_norm=max_norm, geometry=geometry)
+    return y if bias is None else y + per_output(bias, y.ndim)
+
+
 def _geometry(strides: Any, padding: Any, kernel_dilation: Any) -> convops.ConvGeometry:
     return convops.ConvGeometry(
         strides=strides if isinstance(strides, int) else tuple(strides),
@@ -281,3 +362,69 @@ class NNXSLLConv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k, b, lq = self.kernel[...], self.bias[...], self.log_q[...]
         return sll_block(x, k, b, lq, self.geometry, dtype=self.dtype)
+
+
+class NNXSOCConv(nnx.Module):
+    """A skew-orthogonal convolution applied term by term (NNX; public as
+    ``paramx.nnx.SOCConv``): ``terms - 1`` convs with the raw kernel
+    (:func:`~paramx.lipschitz.soc_conv`), plus a bias. See ``paramx.linen.SOCConv``.
+
+    Args:
+      in_features: The input channels.
+      features: The output channels.
+      kernel_size: The raw kernel's spatial size, odd, e.g. ``(3, 3)``.
+      terms: Terms of the exponential series (default 6).
+      max_norm: The bound on the scaled skew conv's norm (default 1).
+      strides: As ``nnx.Conv``'s (the stride-1 output is subsampled).
+      padding: ``"SAME"`` or ``"CIRCULAR"``.
+      kernel_dilation: As ``nnx.Conv``'s.
+      use_bias: Whether to add a bias.
+      kernel_init: Initializer of the raw kernel.
+      bias_init: Initializer of the bias.
+      dtype: Computation dtype (``None``: the parameters').
+      param_dtype: Dtype of the parameters.
+      rngs: The module's ``nnx.Rngs``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from paramx.nnx import SOCConv
+      >>> layer = SOCConv(4, 4, (3, 3), terms=10, use_bias=False, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
+      >>> bool(jnp.allclose(jnp.linalg.norm(layer(x)), jnp.linalg.norm(x), rtol=1e-5))
+      True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: Sequence[int] = (3, 3),
+        *,
+        terms: int = 6,
+        max_norm: float = 1.0,
+        strides: int | Sequence[int] = 1,
+        padding: Any = "SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        kernel_init: Callable[..., Any] = _DEFAULT_KERNEL_INIT,
+        bias_init: Callable[..., Any] = nn.initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.geometry = _geometry(strides, padding, kernel_dilation)
+        SkewOrthogonalConv(terms=terms, max_norm=max_norm, geometry=self.geometry)
+        self.terms, self.max_norm = terms, max_norm
+        shape = (*tuple(kernel_size), in_features, features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (features,), param_dtype)) if use_bias else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return _soc_layer(
+            x, self.kernel[...], bias, self.terms, self.max_norm, self.geometry, self.dtype
+        )

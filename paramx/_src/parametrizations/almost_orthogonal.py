@@ -120,7 +120,7 @@ def _diag_embed(d: jax.Array, n: int) -> jax.Array:
 def _rank_deficient(t: jax.Array) -> jax.Array:
     """Whether each matrix has a singular value below ``max(n, k)·eps·σ_max`` (numpy's rank
     tolerance); a zero matrix counts."""
-    s = jnp.linalg.svd(t, compute_uv=False)
+    s = numerics.lapack(jnp.linalg.svd, t, compute_uv=False)
     tol = max(t.shape[-2:]) * float(jnp.finfo(t.dtype).eps) * s[..., 0]
     return s[..., -1] <= tol
 
@@ -289,7 +289,7 @@ class AlmostOrthogonal:
         if t.size == 0:
             _, state0 = self.init(value, jax.random.key(0))
             return jnp.zeros_like(value), state0
-        u, sv, vt = jnp.linalg.svd(t, full_matrices=True)
+        u, sv, vt = numerics.lapack(jnp.linalg.svd, t, full_matrices=True)
         if self.lam == 0:
             s = jnp.zeros_like(sv)
         else:
@@ -352,7 +352,7 @@ class AlmostOrthogonal:
         if x.size == 0:
             return x
         t = x.astype(compute_dtype(x.dtype))
-        u, s, vt = jnp.linalg.svd(t, full_matrices=False)
+        u, s, vt = numerics.lapack(jnp.linalg.svd, t, full_matrices=False)
         s = jnp.clip(s, 1 - self.lam, 1 + self.lam)
         return matmul(u * s[..., None, :], vt).astype(x.dtype)
 
@@ -409,7 +409,7 @@ class AlmostOrthogonal:
         _check(x)
         if atol is None:
             atol = 10 * max(x.shape[-2:]) * float(jnp.finfo(x.dtype).eps)
-        s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
+        s = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)), compute_uv=False)
         lo, hi = jnp.min(s, axis=-1, initial=1.0), jnp.max(s, axis=-1, initial=1.0)
         return (lo >= 1 - self.lam - atol) & (hi <= 1 + self.lam + atol)
 
@@ -417,7 +417,7 @@ class AlmostOrthogonal:
         """The Frobenius distance to the set, ``‖Σ - clip(Σ, 1 - lam, 1 + lam)‖``: the norm of
         the singular values' excess outside the interval; 0 on the set."""
         _check(x)
-        s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
+        s = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)), compute_uv=False)
         excess = s - jnp.clip(s, 1 - self.lam, 1 + self.lam)
         return jnp.sqrt(jnp.sum(jnp.square(excess), axis=-1))
 

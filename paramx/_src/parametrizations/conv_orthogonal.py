@@ -247,6 +247,23 @@ def soc_kernel_size(raw_size: int | tuple[int, ...] = 3, terms: int = 6) -> tupl
     return tuple(1 + (terms - 1) * (int(k) - 1) for k in sizes)
 
 
+def _soc_generator(m: jax.Array, terms: int, max_norm: float) -> tuple[list[jax.Array], jax.Array]:
+    """The powers ``L, L², …, L^(terms-1)`` (as kernels) of the skew-adjoint conv ``L = M - M*``
+    of the embedded raw kernel ``m``, and the scale that brings a certified bound of ``‖L‖``
+    (the smallest ``(Σ_o ‖(L^j)_o‖)^(1/j)``) down to at most ``max_norm``."""
+    lap = m - _adjoint(m)
+    nd = lap.ndim - 2
+    powers, bounds = [lap], []
+    for j in range(1, terms):
+        if j > 1:
+            powers.append(_compose(powers[-1], lap))
+        s = jnp.sum(_safe_norm(powers[-1], (nd, nd + 1)), axis=tuple(range(nd)))
+        bounds.append(s ** (1.0 / j))
+    r = jnp.min(jnp.stack(bounds))
+    scale = jnp.minimum(jnp.asarray(1, r.dtype), jnp.asarray(max_norm, r.dtype) / r)
+    return powers, scale
+
+
 # One compiled program per shape and options: the series is many small ops, which eager use
 # (registration, a plain `materialize`) would otherwise dispatch one by one.
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -260,16 +277,8 @@ def _soc_kernel(x: jax.Array, terms: int, max_norm: float, truncation: float) ->
         m = m[None]
     m = _embed(m)
     c = m.shape[-1]
-    lap = m - _adjoint(m)
-    nd = lap.ndim - 2
-    powers, bounds = [lap], []
-    for j in range(1, terms):
-        if j > 1:
-            powers.append(_compose(powers[-1], lap))
-        s = jnp.sum(_safe_norm(powers[-1], (nd, nd + 1)), axis=tuple(range(nd)))
-        bounds.append(s ** (1.0 / j))
-    r = jnp.min(jnp.stack(bounds))
-    scale = jnp.minimum(jnp.asarray(1, r.dtype), jnp.asarray(max_norm, r.dtype) / r)
+    nd = m.ndim - 2
+    powers, scale = _soc_generator(m, terms, max_norm)
     size = powers[-1].shape[:nd]
     eye = jnp.eye(c, dtype=m.dtype).reshape((1,) * nd + (c, c))
     value = _pad_to(eye, size)
@@ -282,6 +291,87 @@ def _soc_kernel(x: jax.Array, terms: int, max_norm: float, truncation: float) ->
     if dense:
         value = value[0]
     return value.astype(dtype)
+
+
+def soc_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    terms: int = 6,
+    max_norm: float = 1.0,
+    geometry: Any = None,
+) -> jax.Array:
+    """The skew-orthogonal convolution of the raw ``kernel`` applied to ``x`` term by term:
+    ``(Σ_{j < terms} (sL)^j x / j!) / (1 + τ)``, one ``k x k`` conv per term.
+
+    The same operator as a Conv with the merged kernel of :class:`SkewOrthogonalConv` (same
+    ``L``, scale ``s`` and truncation ``τ``) under ``"CIRCULAR"`` padding, without building the
+    ``1 + (terms - 1)(k - 1)``-sized kernel: ``terms - 1`` convs with the raw size instead of
+    one with the merged size (XLA's CPU convolutions are slow on large kernels). With
+    ``"SAME"`` (zero) padding every term's conv is skew-adjoint too (the adjoint of a SAME conv
+    with an odd kernel is the SAME conv with the flipped, transposed kernel), so the layer is
+    orthogonal to the truncation for ``in == out`` (as in the SOC paper), and 1-Lipschitz for
+    every channel count. A stride subsamples the stride-1 output (``y[:, ::s, ::s]``).
+
+    Args:
+      x: The input, ``(batch, *spatial, in)``; ``(batch, in)`` for a Dense kernel.
+      kernel: The raw kernel ``(*k, in, out)`` with odd ``k``, or ``(in, out)``.
+      terms: Terms of the exponential series (at least 2).
+      max_norm: The bound on ``‖sL‖``.
+      geometry: A :class:`~paramx.lipschitz.ConvGeometry` with padding ``"SAME"`` (default)
+        or ``"CIRCULAR"``, any stride and dilation.
+
+    Returns:
+      ``(batch, *spatial / strides, out)`` in ``x``'s dtype.
+
+    Raises:
+      ValueError: For even kernel sizes, or a padding other than ``"SAME"`` / ``"CIRCULAR"``
+        (each term has to keep the input size for the series to be a polynomial in ``L``).
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from paramx.lipschitz import ConvGeometry, soc_conv
+      >>> k = jax.random.normal(jax.random.key(0), (3, 3, 4, 4)) * 0.2
+      >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+      >>> y = soc_conv(x, k, terms=10, geometry=ConvGeometry(padding="SAME"))
+      >>> bool(jnp.allclose(jnp.linalg.norm(y), jnp.linalg.norm(x), rtol=1e-5))
+      True
+    """
+    p = SkewOrthogonalConv(terms=terms, max_norm=max_norm, geometry=geometry)
+    _check_kernel("soc_conv", kernel)
+    nd = kernel.ndim - 2
+    if any(s % 2 == 0 for s in kernel.shape[:nd]):
+        raise ValueError(
+            f"soc_conv: the raw kernel's spatial sizes must be odd (a centred kernel, whose "
+            f"adjoint is its flipped transpose); got shape {list(kernel.shape)}."
+        )
+    g = convops.ConvGeometry() if geometry is None else geometry
+    if nd and g.padding not in ("SAME", "CIRCULAR"):
+        raise ValueError(
+            f"soc_conv: padding must be 'SAME' or 'CIRCULAR' (each term keeps the input size, "
+            f"so the series is a polynomial in one skew-adjoint conv); got {g.padding!r}. For "
+            f"another padding, register soc() on a Conv with the merged kernel "
+            f"(soc_kernel_size) instead."
+        )
+    cdt = compute_dtype(kernel.dtype)
+    m = _embed(kernel.astype(cdt) if nd else kernel.astype(cdt)[None])
+    powers, scale = _soc_generator(m, p.terms, p.max_norm)
+    lap = powers[0] if nd else powers[0][0]
+    cin, cout = kernel.shape[-2:]
+    c = lap.shape[-1]
+    h = x.astype(cdt)
+    h = jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(0, c - cin)])
+    step = convops.ConvGeometry(padding=g.padding, kernel_dilation=g.kernel_dilation)
+    term, y = h, h
+    for j in range(1, p.terms):
+        term = convops.conv(term, lap, step) * (scale / j)
+        y = y + term
+    y = y[..., :cout] / jnp.asarray(1 + p.truncation, cdt)
+    if nd:
+        strides = g._per_axis(g.strides, nd, "strides")
+        y = y[(slice(None), *(slice(None, None, s) for s in strides))]
+    return y.astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,7 +645,7 @@ def _cayley_base(value: jax.Array) -> jax.Array:
     size = v.shape[:-2]
     cin, cout = v.shape[-2:]
     f = _spectrum(v)
-    u, _, wh = jnp.linalg.svd(f, full_matrices=False)
+    u, _, wh = numerics.lapack(jnp.linalg.svd, f, full_matrices=False)
     polar = matmul(u, wh)  # (…, in, out), semi-unitary
     if cin < cout:
         full = _mH(_complete_base(_mH(polar)))
@@ -571,10 +661,6 @@ def _cayley_base(value: jax.Array) -> jax.Array:
 class CayleyConv:
     """An orthogonal circular convolution by the Cayley transform in the Fourier domain
     (Trockman & Kolter 2021); register it with :func:`cayley_conv`.
-
-    Known issue: on XLA:CPU (jaxlib 0.10.2) a jitted training step with several of these
-    layers has been seen to hang with two or more threads (every thread waiting; one layer, or
-    one CPU, runs). Under investigation; ``benchmarks/README.md`` has the reproduction.
 
     For ``padding="CIRCULAR"``, stride 1 and dilation 1 on inputs of size ``n``, the value's
     response at each DFT frequency is ``B(w) Q(w)`` with ``Q = cayley(V - Vᴴ)`` of the raw

@@ -298,7 +298,7 @@ def _rounding_margin(kernel: Any, dtype: Any) -> jax.Array:
 
 def _exact_circular(kernel: jax.Array, geometry: ConvGeometry | None) -> jax.Array:
     blocks, factor, _ = spectral_blocks(kernel, geometry)
-    s = jnp.linalg.svd(blocks, compute_uv=False)
+    s = numerics.lapack(jnp.linalg.svd, blocks, compute_uv=False)
     return jnp.max(s) * factor
 
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paramx._src.parametrizations.numerics import lapack
+
 _PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
 
 
@@ -306,4 +308,4 @@ def circular_singular_values(
       (8, 8, 4)
     """
     m = frequency_response(kernel, size, kernel_dilation)
-    return jnp.linalg.svd(m, compute_uv=False)
+    return lapack(jnp.linalg.svd, m, compute_uv=False)

@@ -116,7 +116,7 @@ def _factors(x: jax.Array, traceless: bool) -> jax.Array:
 
 
 def _singular_values(x: jax.Array) -> jax.Array:
-    return jnp.linalg.svd(x, compute_uv=False)
+    return numerics.lapack(jnp.linalg.svd, x, compute_uv=False)
 
 
 def _default_tol(x: Any) -> float:
@@ -185,7 +185,7 @@ class _Group:
         base = state["base"]
         value = matmul(base.astype(xc.dtype), _factors(xc, self._traceless)).astype(base.dtype)
         if self._traceless:  # det(value) = 1 to rounding: remove it, so it cannot accumulate
-            sign, logdet = jnp.linalg.slogdet(value)
+            sign, logdet = numerics.lapack(jnp.linalg.slogdet, value)
             scale = jnp.exp(-logdet / jnp.asarray(value.shape[-1], logdet.dtype))
             value = jnp.where((sign > 0)[..., None, None], value * scale[..., None, None], value)
         return jnp.zeros_like(x), {"base": value}
@@ -212,7 +212,7 @@ class _Group:
         g = g.astype(dtype)
         if n == 0:
             return g
-        det = jnp.linalg.det(g.astype(cdt))
+        det = numerics.lapack(jnp.linalg.det, g.astype(cdt))
         sign = jnp.where(det < 0, -1.0, 1.0).astype(dtype)
         return g.at[..., 0, :].multiply(sign[..., None])
 
@@ -264,7 +264,7 @@ class Invertible(_Group):
         if bool(jnp.all(ok)):
             return
         x = value.astype(compute_dtype(value.dtype))
-        det = jnp.linalg.det(x)
+        det = numerics.lapack(jnp.linalg.det, x)
         s = _singular_values(x)
         bad = jnp.argwhere(~ok)[0] if ok.ndim else ()
         d = float(det[tuple(bad)])
@@ -314,7 +314,7 @@ class Invertible(_Group):
         s = _singular_values(xc)
         if atol is None:
             atol = _default_tol(xc) * s[..., 0]
-        return (jnp.linalg.det(xc) > 0) & (s[..., -1] > atol)
+        return (numerics.lapack(jnp.linalg.det, xc) > 0) & (s[..., -1] > atol)
 
     def distance(self, x: jax.Array) -> jax.Array:
         """The Frobenius distance to the closure of GL⁺(n) (the set is open: the infimum of the
@@ -325,7 +325,9 @@ class Invertible(_Group):
         if x.size == 0:
             return jnp.zeros(x.shape[:-2], xc.dtype)
         s = _singular_values(xc)
-        return jnp.where(jnp.linalg.det(xc) >= 0, jnp.zeros_like(s[..., -1]), s[..., -1])
+        return jnp.where(
+            numerics.lapack(jnp.linalg.det, xc) >= 0, jnp.zeros_like(s[..., -1]), s[..., -1]
+        )
 
     # ----- paramx.nnx: its function (paramx._src.integrations.nnx.wrappers) ---------------
     torch_function = "invertible"
@@ -408,7 +410,7 @@ class SpecialLinear(_Group):
         ok = self.in_manifold(value)
         if bool(jnp.all(ok)):
             return
-        det = jnp.linalg.det(value.astype(compute_dtype(value.dtype)))
+        det = numerics.lapack(jnp.linalg.det, value.astype(compute_dtype(value.dtype)))
         bad = tuple(jnp.argwhere(~ok)[0]) if ok.ndim else ()
         d = float(det[bad])
         fix = (
@@ -444,7 +446,7 @@ class SpecialLinear(_Group):
         g = self._sample_gl(key, shape, compute_dtype(dtype))
         if g.shape[-1] == 0:
             return g.astype(dtype)
-        _, logdet = jnp.linalg.slogdet(g)
+        _, logdet = numerics.lapack(jnp.linalg.slogdet, g)
         scale = jnp.exp(-logdet / jnp.asarray(g.shape[-1], logdet.dtype))
         return (g * scale[..., None, None]).astype(dtype)
 
@@ -460,7 +462,7 @@ class SpecialLinear(_Group):
             s = _singular_values(xc)
             kappa = s[..., 0] / jnp.maximum(s[..., -1], jnp.finfo(xc.dtype).tiny)
             atol = _default_tol(x) * kappa
-        return jnp.abs(jnp.linalg.det(xc) - 1) <= atol
+        return jnp.abs(numerics.lapack(jnp.linalg.det, xc) - 1) <= atol
 
     def distance(self, x: jax.Array) -> jax.Array:
         """The Frobenius distance to SL(n) where ``det x ≤ 1`` (negative included), and an upper
@@ -479,7 +481,7 @@ class SpecialLinear(_Group):
         if x.size == 0:
             return jnp.zeros(x.shape[:-2], xc.dtype)
         sigma = _singular_values(xc)
-        det = jnp.linalg.det(xc)
+        det = numerics.lapack(jnp.linalg.det, xc)
         s = sigma.at[..., -1].multiply(jnp.where(det < 0, -1.0, 1.0).astype(xc.dtype))
 
         def tau(mu: jax.Array) -> jax.Array:

@@ -90,7 +90,7 @@ def _frame_and_complement(t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The polar factor of each tall ``t`` (or ``t`` itself where its columns are orthonormal)
     and the ``n x n`` orthogonal matrix whose first ``k`` columns are it."""
     k = t.shape[-1]
-    u, _, vt = jnp.linalg.svd(t, full_matrices=True)
+    u, _, vt = numerics.lapack(jnp.linalg.svd, t, full_matrices=True)
     polar = matmul(u[..., :k], vt)
     frame = jnp.where(_is_orthogonal_each(t)[..., None, None], t, polar)
     return frame, jnp.concatenate([frame, u[..., k:]], axis=-1)
@@ -204,7 +204,7 @@ class Grassmannian:
         if isinstance(value, jax.core.Tracer | jax.ShapeDtypeStruct) or value.size == 0:
             return
         t = value.astype(compute_dtype(value.dtype))
-        s = jnp.linalg.svd(t, compute_uv=False)
+        s = numerics.lapack(jnp.linalg.svd, t, compute_uv=False)
         tol = max(t.shape[-2:]) * float(jnp.finfo(t.dtype).eps) * s[..., 0]
         if bool(jnp.any(s[..., -1] <= tol)):
             raise ValueError(
@@ -242,7 +242,7 @@ class Grassmannian:
         if x.size == 0:
             return x
         t, flip = _tall(x.astype(compute_dtype(x.dtype)))
-        u, _, vt = jnp.linalg.svd(t, full_matrices=False)
+        u, _, vt = numerics.lapack(jnp.linalg.svd, t, full_matrices=False)
         q = matmul(u, vt)
         return (_mT(q) if flip else q).astype(x.dtype)
 

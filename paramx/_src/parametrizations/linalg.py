@@ -146,6 +146,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from paramx._src.parametrizations.numerics import lapack
+
 __all__ = ["PLANS", "cayley", "check_plan", "default_plan", "expm_skew", "polar"]
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -279,22 +281,32 @@ class _LU(NamedTuple):
 
     @classmethod
     def of(cls, m: jax.Array) -> _LU:
-        lu, pivots, _ = lax.linalg.lu(_mT(m))
+        lu, pivots, _ = lapack(lax.linalg.lu, _mT(m))
         return cls(lu, _pivots_to_permutation(pivots))
 
     def solve(self, b: jax.Array) -> jax.Array:
         """``M^{-1} b``: with ``M = U^T L^T P``, ``(M^{-1} b)^T = b^T U^{-1} L^{-1} P``."""
-        x = lax.linalg.triangular_solve(self.lu, _mT(b), left_side=False, lower=False)
-        x = lax.linalg.triangular_solve(self.lu, x, left_side=False, lower=True, unit_diagonal=True)
+        x = lapack(lax.linalg.triangular_solve, self.lu, _mT(b), left_side=False, lower=False)
+        x = lapack(
+            lax.linalg.triangular_solve, self.lu, x, left_side=False, lower=True, unit_diagonal=True
+        )
         return _take_rows(_mT(x), _inverse_permutation(self.perm))
 
     def solve_transposed(self, b: jax.Array) -> jax.Array:
         """``M^{-T} b = U^{-1} L^{-1} P b``."""
         x = _mT(_take_rows(b, self.perm))
-        x = lax.linalg.triangular_solve(
-            self.lu, x, left_side=False, lower=True, unit_diagonal=True, transpose_a=True
+        x = lapack(
+            lax.linalg.triangular_solve,
+            self.lu,
+            x,
+            left_side=False,
+            lower=True,
+            unit_diagonal=True,
+            transpose_a=True,
         )
-        x = lax.linalg.triangular_solve(self.lu, x, left_side=False, lower=False, transpose_a=True)
+        x = lapack(
+            lax.linalg.triangular_solve, self.lu, x, left_side=False, lower=False, transpose_a=True
+        )
         return _mT(x)
 
 
@@ -796,20 +808,7 @@ def cayley(a: jax.Array) -> jax.Array:
         ValueError: if ``a`` is not a (batch of) square matrices.
         TypeError: if ``a`` is not floating point or complex.
     """
-    return _promote(_cayley_complex if jnp.iscomplexobj(a) else _cayley, a, "cayley")
-
-
-def _cayley_complex(a: jax.Array) -> jax.Array:
-    """The Cayley transform of complex matrices by ``jnp.linalg.solve`` (and its autodiff).
-
-    The transposed-LU path of :func:`_cayley` hangs on XLA:CPU (jaxlib 0.10.2) for complex
-    matrices when two or more such transforms run concurrently in one program (every thread
-    waits; reproduced with four complex64 batches of 8x8 matrices on 2 cores, not on 1 core,
-    not for real matrices): a deadlock in the runtime, not a slow kernel. Complex inputs take
-    this path until that is fixed upstream.
-    """
-    eye = _eye(a)
-    return jnp.linalg.solve(eye - 0.5 * a, eye + 0.5 * a)
+    return _promote(_cayley, a, "cayley")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def perron_weights(a: jax.Array) -> jax.Array:
     ``√eps``; a zero ``A`` gives all ones."""
     n = a.shape[-1]
     eps = float(jnp.finfo(a.dtype).eps)
-    lam, vecs = jnp.linalg.eigh((a + a.T) / 2, symmetrize_input=False)
+    lam, vecs = numerics.lapack(jnp.linalg.eigh, (a + a.T) / 2, symmetrize_input=False)
     top = lam[-1]
     near = lam >= top - 64 * n * eps * jnp.abs(top)
     u = jnp.sqrt(jnp.sum(jnp.where(near[None, :], vecs * vecs, 0), axis=-1))

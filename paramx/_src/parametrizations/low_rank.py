@@ -164,7 +164,7 @@ def diagonal_original(d: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _truncated_svd(w: jax.Array, r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    u, s, vt = numerics.lapack(jnp.linalg.svd, w, full_matrices=False)
     return u[..., :, :r], s, _t(vt)[..., :, :r]
 
 
@@ -264,14 +264,14 @@ class _Factored:
         """The Frobenius distance to the matrices of rank ``<= r``, ``sqrt(Σ_{i>r} σ_i²)`` (for
         ``FixedRank``: to its closure, the infimum); 0 on the set."""
         self._check(x)
-        s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
+        s = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)), compute_uv=False)
         return jnp.sqrt(jnp.sum(s[..., self.rank :] ** 2, axis=-1))
 
     def _singular(self, x: jax.Array, atol: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
         self._check(x)
         if atol is None:
             atol = tolerance(x)
-        s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
+        s = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)), compute_uv=False)
         atol = jnp.asarray(atol).astype(s.dtype)
         rest = s[..., self.rank] if self.rank < s.shape[-1] else jnp.zeros_like(s[..., 0])
         return s, rest <= atol, atol
@@ -441,7 +441,9 @@ class FixedRank(_Factored):
         self._check(value)
         if isinstance(value, (jax.core.Tracer, jax.ShapeDtypeStruct)):
             return
-        s = jnp.linalg.svd(value.astype(compute_dtype(value.dtype)), compute_uv=False)
+        s = numerics.lapack(
+            jnp.linalg.svd, value.astype(compute_dtype(value.dtype)), compute_uv=False
+        )
         sr = s[..., self.rank - 1]
         bad = ~(sr > rank_floor(value, s[..., 0]))
         refuse_lost_rank(

@@ -125,7 +125,7 @@ def _signs(d: jax.Array) -> jax.Array:
 
 def _make_orthogonal(a: jax.Array) -> jax.Array:
     """The Q factor of a tall ``a`` with a real, non-negative diagonal of R."""
-    q, r = jnp.linalg.qr(a)
+    q, r = numerics.lapack(jnp.linalg.qr, a)
     d = jnp.diagonal(r, axis1=-2, axis2=-1)
     mag = jnp.abs(d)
     phase = jnp.where(mag > 0, d / jnp.where(mag > 0, mag, 1).astype(d.dtype), 1).astype(q.dtype)
@@ -156,7 +156,7 @@ def _complete_base(q: jax.Array) -> jax.Array:
     if n == k:
         return qk
     ext = jnp.concatenate([qk, jnp.broadcast_to(jnp.eye(n, dtype=q.dtype), (*q.shape[:-1], n))], -1)
-    full, _ = jnp.linalg.qr(ext)
+    full, _ = numerics.lapack(jnp.linalg.qr, ext)
     return jnp.concatenate([qk, full[..., :, k:n]], axis=-1)
 
 
@@ -175,7 +175,7 @@ def _householder_q(a: jax.Array) -> jax.Array:
     t_inv = jnp.triu(gram, 1) + jnp.diagonal(gram, axis1=-2, axis2=-1)[..., None, :] * (
         0.5 * jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), gram.shape)
     )
-    w = jax.scipy.linalg.solve_triangular(t_inv, _mT(v[..., :k, :]), lower=False)
+    w = numerics.lapack(jax.scipy.linalg.solve_triangular, t_inv, _mT(v[..., :k, :]), lower=False)
     return eye - matmul(v, w)
 
 
@@ -490,7 +490,7 @@ class Orthogonal:
                 f"{len(x.shape)} dimensions."
             )
         numerics.check_dtype(x, "orthogonal")
-        s = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)), compute_uv=False)
+        s = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)), compute_uv=False)
         return jnp.sqrt(jnp.sum(jnp.square(s - 1), axis=-1))
 
     def health(
@@ -543,7 +543,7 @@ class Orthogonal:
             return q
         dtype = q.dtype
         x = q.astype(compute_dtype(dtype))
-        u, _, vt = jnp.linalg.svd(x, full_matrices=False)
+        u, _, vt = numerics.lapack(jnp.linalg.svd, x, full_matrices=False)
         flip = _flip(x)
         t = _mT(x) if flip else x
         keep = _is_orthogonal(t)
@@ -557,7 +557,9 @@ class Orthogonal:
         flip = _flip(x)
         if flip:
             x = _mT(x)
-        h, tau = jnp.linalg.qr(x, mode="raw")  # LAPACK's geqrf, returned transposed
+        h, tau = numerics.lapack(
+            jnp.linalg.qr, x, mode="raw"
+        )  # LAPACK's geqrf, returned transposed
         a = _mT(h)
         d = _signs(jnp.diagonal(a, axis1=-2, axis2=-1))  # +-1: R's diagonal may be 0
         d = jnp.where(tau == 0, -d, d)  # LAPACK's "no reflection" reflector: flip its sign

@@ -88,7 +88,7 @@ def _gram(a: jax.Array) -> jax.Array:
 def psd_projection(x: jax.Array) -> jax.Array:
     """The nearest positive semidefinite matrix in the Frobenius norm, ``V max(Λ, 0) Vᵀ`` of
     the symmetric part ``V Λ Vᵀ`` of ``x``."""
-    lam, v = jnp.linalg.eigh(_sym(x))
+    lam, v = numerics.lapack(jnp.linalg.eigh, _sym(x))
     return _sym(numerics.matmul(v * jnp.maximum(lam, 0)[..., None, :], _t(v)))
 
 
@@ -103,7 +103,7 @@ def _in_cone(x: jax.Array, atol: Any, strict: bool) -> jax.Array:
     work = x.astype(numerics.compute_dtype(x.dtype))
     atol = jnp.asarray(atol).astype(work.dtype)
     gap = jnp.max(jnp.abs(work - _t(work)), axis=(-2, -1))
-    low = jnp.min(jnp.linalg.eigvalsh(_sym(work)), axis=-1)
+    low = jnp.min(numerics.lapack(jnp.linalg.eigvalsh, _sym(work)), axis=-1)
     return (gap <= atol) & ((low > 0) if strict else (low >= -atol))
 
 
@@ -124,7 +124,7 @@ def _wishart(key: jax.Array, shape: Any, dtype: Any) -> jax.Array:
     out = w.astype(dtype)
     n = w.shape[-1]
     r = out.astype(work)
-    low = jnp.min(jnp.linalg.eigvalsh(r), axis=-1)
+    low = jnp.min(numerics.lapack(jnp.linalg.eigvalsh, r), axis=-1)
     size = jnp.sqrt(jnp.sum(r**2, axis=(-2, -1)))
     ok = low > 10 * n * float(jnp.finfo(work).eps) * size  # PD, beyond float32's own rounding
     u = float(jnp.finfo(dtype).eps) / 2
@@ -174,7 +174,8 @@ class PositiveDefinite:
         check_square(value, _PD)
         self.check_value(value)
         s = _sym(value.astype(numerics.compute_dtype(value.dtype)))
-        low = jnp.linalg.cholesky(s)  # NaN where s is not positive definite (traced values)
+        # NaN where s is not positive definite (traced values)
+        low = numerics.lapack(jnp.linalg.cholesky, s)
         return factor_inverse(low, _PD).astype(value.dtype)
 
     def check_value(self, value: jax.Array) -> None:
@@ -187,10 +188,14 @@ class PositiveDefinite:
         if not is_concrete(value):
             return
         s = _sym(value.astype(numerics.compute_dtype(value.dtype)))
-        bad = ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(s)), axis=(-2, -1))
+        bad = ~jnp.all(jnp.isfinite(numerics.lapack(jnp.linalg.cholesky, s)), axis=(-2, -1))
         if not bool(jnp.any(bad)):
             return
-        eig = float(jnp.min(jnp.where(bad, jnp.min(jnp.linalg.eigvalsh(s), axis=-1), jnp.inf)))
+        eig = float(
+            jnp.min(
+                jnp.where(bad, jnp.min(numerics.lapack(jnp.linalg.eigvalsh, s), axis=-1), jnp.inf)
+            )
+        )
         where = ""
         if bad.ndim:
             idx = [tuple(int(i) for i in ix) for ix in jnp.argwhere(bad)[:4]]
@@ -330,7 +335,7 @@ class PositiveSemidefinite:
     def right_inverse(self, value: jax.Array) -> jax.Array:
         check_square(value, _PSD)
         s = _sym(value.astype(numerics.compute_dtype(value.dtype)))
-        lam, v = jnp.linalg.eigh(s)
+        lam, v = numerics.lapack(jnp.linalg.eigh, s)
         root = numerics.matmul(v * jnp.sqrt(jnp.maximum(lam, 0))[..., None, :], _t(v))
         return _sym(root).astype(value.dtype)
 
@@ -423,7 +428,7 @@ _LOW = "PositiveSemidefiniteLowRank"
 def _top(x: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """The ``rank`` largest eigenvalues, clipped at 0, and their eigenvectors, of the symmetric
     part of ``x``."""
-    lam, v = jnp.linalg.eigh(_sym(x))
+    lam, v = numerics.lapack(jnp.linalg.eigh, _sym(x))
     return jnp.maximum(lam[..., -rank:], 0), v[..., :, -rank:]
 
 
@@ -517,7 +522,7 @@ class PositiveSemidefiniteLowRank:
         work = x.astype(numerics.compute_dtype(x.dtype))
         atol = jnp.asarray(atol).astype(work.dtype)
         gap = jnp.max(jnp.abs(work - _t(work)), axis=(-2, -1))
-        lam = jnp.linalg.eigvalsh(_sym(work))
+        lam = numerics.lapack(jnp.linalg.eigvalsh, _sym(work))
         n = x.shape[-1]
         rest = lam[..., n - self.rank - 1] if self.rank < n else jnp.zeros_like(lam[..., 0])
         return (gap <= atol) & (lam[..., 0] >= -atol) & (rest <= atol)
@@ -685,7 +690,9 @@ class PositiveSemidefiniteFixedRank:
         self._check_shape(value)
         if not is_concrete(value) or isinstance(value, jax.ShapeDtypeStruct):
             return
-        lam = jnp.linalg.eigvalsh(_sym(value.astype(numerics.compute_dtype(value.dtype))))
+        lam = numerics.lapack(
+            jnp.linalg.eigvalsh, _sym(value.astype(numerics.compute_dtype(value.dtype)))
+        )
         lr = lam[..., -self.rank]
         bad = ~(lr > rank_floor(value, jnp.maximum(lam[..., -1], 0)))
         refuse_lost_rank(
@@ -736,7 +743,7 @@ class PositiveSemidefiniteFixedRank:
         self._check_shape(x)
         if atol is None:
             atol = default_atol(x)
-        lam = jnp.linalg.eigvalsh(_sym(x.astype(numerics.compute_dtype(x.dtype))))
+        lam = numerics.lapack(jnp.linalg.eigvalsh, _sym(x.astype(numerics.compute_dtype(x.dtype))))
         atol = jnp.asarray(atol).astype(lam.dtype)
         low = PositiveSemidefiniteLowRank(self.rank).in_manifold(x, atol)
         return low & (lam[..., -self.rank] > atol)

@@ -76,8 +76,9 @@ def _eye(x: jax.Array) -> jax.Array:
 
 def _nearest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The nearest point of SO(n) to each (square, real) ``x``, and whether it is unique."""
-    u, s, vt = jnp.linalg.svd(x)
-    sign = jnp.sign(jnp.linalg.det(u) * jnp.linalg.det(vt))  # ±1: U, V are orthogonal
+    u, s, vt = numerics.lapack(jnp.linalg.svd, x)
+    # ±1: U, V are orthogonal
+    sign = jnp.sign(numerics.lapack(jnp.linalg.det, u) * numerics.lapack(jnp.linalg.det, vt))
     sign = jnp.where(sign == 0, jnp.ones_like(sign), sign)
     ones = jnp.ones(s.shape, s.dtype)
     d = ones.at[..., -1].set(sign)
@@ -220,7 +221,7 @@ class SpecialOrthogonal:
             atol = 10 * n * float(jnp.finfo(q.dtype).eps)
         gram = matmul(_mT(q), q) - _eye(q)
         ok = jnp.max(jnp.abs(gram), axis=(-2, -1), initial=0.0) <= atol
-        return ok & (jnp.linalg.det(q) > 0)
+        return ok & (numerics.lapack(jnp.linalg.det, q) > 0)
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(
@@ -249,7 +250,7 @@ class SpecialOrthogonal:
         _check(jax.ShapeDtypeStruct(shape, dtype))
         q = Orthogonal().sample(key, shape, compute_dtype(dtype), distribution)
         if distribution == "uniform" and shape[-1] > 0:
-            det = jnp.linalg.det(q)
+            det = numerics.lapack(jnp.linalg.det, q)
             first = jnp.where(det < 0, -1.0, 1.0).astype(q.dtype)
             q = q.at[..., :, 0].multiply(first[..., None])
         return q.astype(dtype)
@@ -266,8 +267,8 @@ class SpecialOrthogonal:
         """The Frobenius distance to the nearest rotation, ``‖Σ - diag(1, ..., 1, det(UVᵀ))‖``
         for the SVD ``x = U Σ Vᵀ``; 0 on SO(n)."""
         _check(x)
-        u, s, vt = jnp.linalg.svd(x.astype(compute_dtype(x.dtype)))
-        sign = jnp.sign(jnp.linalg.det(u) * jnp.linalg.det(vt))
+        u, s, vt = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)))
+        sign = jnp.sign(numerics.lapack(jnp.linalg.det, u) * numerics.lapack(jnp.linalg.det, vt))
         target = jnp.ones(s.shape, s.dtype).at[..., -1].set(jnp.where(sign == 0, 1, sign))
         return jnp.sqrt(jnp.sum(jnp.square(s - target), axis=-1))
 

@@ -256,7 +256,10 @@ class SpectralNorm:
         )
         if mt.size == 0:
             return {"sigma": sigma, "sigma_true": jnp.zeros_like(sigma)}
-        return {"sigma": sigma, "sigma_true": jnp.linalg.svd(mt, compute_uv=False)[0]}
+        return {
+            "sigma": sigma,
+            "sigma_true": numerics.lapack(jnp.linalg.svd, mt, compute_uv=False)[0],
+        }
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         self._check(value)

@@ -1,0 +1,160 @@
+"""Batched LAPACK calls on the CPU: chunked below jaxlib's thread-pool threshold, never hanging.
+
+jaxlib 0.10.2 runs a batched LAPACK call whose estimated work reaches 2e5 flops as tasks on
+XLA:CPU's intra-op pool and blocks the pool worker that made the call until they finish; with as
+many such calls at once as the pool has threads, the process hangs (``numerics.lapack``).
+"""
+
+import math
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import assert_close, run_python
+from jax import lax
+from jax.extend.core import jaxprs_in_params
+
+from paramx._src.parametrizations import numerics
+
+# Six Cayley convolutions of 16x16 inputs, 8 channels: each step runs six batched complex LU
+# factorizations (one per layer, 144 frequencies each) side by side. Before the chunking, this
+# hung within the first steps in 3 of 3 runs on 2 cores (and ran in 1 s when it did not).
+_SIX_LAYERS = """
+import os
+os.sched_setaffinity(0, range(os.cpu_count()))  # every CPU (the suite pins its workers to one)
+import jax, jax.numpy as jnp
+import paramx as px
+from paramx import lipschitz
+tree = {}
+for i in range(6):
+    tree[f"c{i}"] = jax.random.normal(jax.random.key(i), (16, 16, 8, 8)) * 0.1
+    tree = lipschitz.cayley_conv(tree, f"c{i}")
+params, state = px.split_state(tree)
+loss = lambda p: sum(jnp.sum(v ** 2) for v in jax.tree.leaves(px.materialize(p, state)))
+step = jax.jit(jax.grad(loss))
+for _ in range(5):
+    jax.block_until_ready(step(params))
+print("ok")
+"""
+
+
+def test_independent_batched_factorizations_in_one_step_do_not_hang():
+    try:
+        out = run_python("-c", _SIX_LAYERS, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a training step with six Cayley convolutions hung (no result in 300 s)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def _batch(shape, dtype, seed=0):
+    x = jax.random.normal(jax.random.key(seed), shape, jnp.float64)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        x = lax.complex(x, jax.random.normal(jax.random.key(seed + 1), shape, jnp.float64))
+    return (x + (4 * jnp.broadcast_to(jnp.eye(shape[-1]), shape)).astype(x.dtype)).astype(dtype)
+
+
+_LAPACK_PRIMITIVES = (
+    "lu",
+    "qr",
+    "svd",
+    "eig",
+    "eigh",
+    "geqrf",
+    "householder_product",
+    "cholesky",
+    "triangular_solve",
+)
+
+
+def _lapack_batches(fn, *xs):
+    """The batch size of every LAPACK-backed call in the jaxpr of ``numerics.lapack(fn, *xs)``."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in _LAPACK_PRIMITIVES:
+                yield math.prod(eqn.invars[0].aval.shape[:-2])
+            for sub in jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+
+    closed = jax.make_jaxpr(lambda *xs: numerics.lapack(fn, *xs))(*xs)
+    return list(walk(closed.jaxpr))
+
+
+def _chunked(fn, *xs):
+    """Whether ``numerics.lapack`` splits this call into calls under jaxlib's threshold."""
+    per_call = (numerics._LAPACK_TASK_FLOPS - 1) // max(numerics._lapack_flops(x) for x in xs)
+    batches = _lapack_batches(fn, *xs)
+    return max(batches) <= max(per_call, 1) < math.prod(xs[0].shape[:-2])
+
+
+CASES = {
+    "svd": lambda x: jnp.linalg.svd(x, compute_uv=False),
+    "svd_uv": lambda x: jnp.abs(jnp.linalg.svd(x, full_matrices=False)[0]),
+    "lu": lambda x: lax.linalg.lu(x)[0],
+    "qr": lambda x: jnp.abs(jnp.linalg.qr(x)[1]),
+    "eigvalsh": lambda x: jnp.linalg.eigvalsh(x + jnp.swapaxes(x, -1, -2).conj()),
+    "cholesky": lambda x: jnp.linalg.cholesky(x @ jnp.swapaxes(x, -1, -2).conj()),
+    "det": jnp.linalg.det,
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.complex128])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_chunked_calls_equal_one_call(name, dtype):
+    fn = CASES[name]
+    # 2x3x47 = 282 matrices of 12x12: about 17,000 flops each by jaxlib's SVD estimate, so 11
+    # (real) or 3 (complex) per chunk, with a remainder; both over the threshold.
+    x = _batch((2, 3, 47, 12, 12), dtype)
+    assert _chunked(fn, x)
+    got = jax.jit(lambda x: numerics.lapack(fn, x))(x)
+    want = jax.jit(fn)(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert_close(got, want, scale=1e3)
+
+
+def test_a_batch_under_the_threshold_is_one_call():
+    x = _batch((4, 12, 12), jnp.float64)
+    assert _lapack_batches(jnp.linalg.det, x) == [4]
+    assert str(jax.make_jaxpr(lambda x: numerics.lapack(jnp.linalg.det, x))(x)) == str(
+        jax.make_jaxpr(jnp.linalg.det)(x)
+    )
+
+
+@pytest.mark.parametrize("lanes", [1, 3, 8])
+def test_chunks_side_by_side_equal_one_call(lanes, monkeypatch):
+    """On a machine with ``lanes`` CPUs: that many calls per step of the loop, and a rest."""
+    monkeypatch.setattr(numerics, "_lanes", lambda: lanes)
+    x = _batch((5, 61, 12, 12), jnp.float64)  # 305 matrices, 11 per call
+    assert max(_lapack_batches(jnp.linalg.slogdet, x)) <= 11
+    got = jax.jit(lambda x: numerics.lapack(jnp.linalg.slogdet, x))(x)
+    want = jnp.linalg.slogdet(x)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1], scale=10)
+
+
+def test_chunked_gradients_and_vmap_equal_one_call():
+    a = _batch((300, 6, 6), jnp.float64, seed=3)
+    b = _batch((300, 6, 6), jnp.float64, seed=5)
+
+    def loss(a, solve):
+        return jnp.sum(jnp.sin(solve(a, b)))
+
+    direct = jax.jit(jax.grad(lambda a: loss(a, jnp.linalg.solve)))(a)
+    chunks = jax.jit(
+        jax.grad(lambda a: loss(a, lambda a, b: numerics.lapack(jnp.linalg.solve, a, b)))
+    )(a)
+    assert _chunked(jnp.linalg.solve, a, b)
+    assert_close(chunks, direct, scale=1e2)
+    stacked = jnp.stack([a, a + 1])
+    got = jax.vmap(lambda a: numerics.lapack(jnp.linalg.det, a))(stacked)
+    assert_close(got, jnp.linalg.det(stacked), scale=1e3)
+
+
+def test_matrices_with_other_batch_shapes_are_one_call():
+    """Broadcasting operands (a batch against one matrix) are left to ``fn`` as they are."""
+    a = _batch((300, 6, 6), jnp.float64)
+    b = jnp.ones((1, 6, 2))
+    assert max(_lapack_batches(jnp.linalg.solve, a, b)) == 300
+    assert_close(numerics.lapack(jnp.linalg.solve, a, b), jnp.linalg.solve(a, b))
