@@ -159,4 +159,4 @@ def test_nnx_layer_equals_the_function_and_trains_under_jit():
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert grads["kernel"][...].shape == (3, 3, 4, 6)
     with pytest.raises(ValueError, match="'SAME' or 'CIRCULAR'"):
-        pnx.SOCConv(4, 4, padding="VALID", rngs=nnx.Rngs(0))(x)
+        pnx.SOCConv(4, 4, padding="VALID", rngs=nnx.Rngs(0))

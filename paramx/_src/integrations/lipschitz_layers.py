@@ -27,7 +27,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from paramx._src.parametrizations import convops
-from paramx._src.parametrizations.conv_orthogonal import SkewOrthogonalConv, soc_conv
+from paramx._src.parametrizations.conv_orthogonal import (
+    SkewOrthogonalConv,
+    check_series_padding,
+    soc_conv,
+)
 from paramx._src.parametrizations.lipschitz_rescaling import SLL, per_output
 
 _DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
@@ -197,7 +201,7 @@ class SOCConv(nn.Module):
       use_bias: Whether to add a bias.
       kernel_init: Initializer of the raw kernel.
       bias_init: Initializer of the bias.
-      dtype: Computation dtype (``None``: the parameters').
+      dtype: Computation dtype (``None``: promote the input and the parameters).
       param_dtype: Dtype of the parameters.
 
     Examples:
@@ -381,7 +385,7 @@ class NNXSOCConv(nnx.Module):
       use_bias: Whether to add a bias.
       kernel_init: Initializer of the raw kernel.
       bias_init: Initializer of the bias.
-      dtype: Computation dtype (``None``: the parameters').
+      dtype: Computation dtype (``None``: promote the input and the parameters).
       param_dtype: Dtype of the parameters.
       rngs: The module's ``nnx.Rngs``.
 
@@ -415,6 +419,7 @@ class NNXSOCConv(nnx.Module):
     ) -> None:
         self.geometry = _geometry(strides, padding, kernel_dilation)
         SkewOrthogonalConv(terms=terms, max_norm=max_norm, geometry=self.geometry)
+        check_series_padding(padding)  # refused now, not at the first call
         self.terms, self.max_norm = terms, max_norm
         shape = (*tuple(kernel_size), in_features, features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))

@@ -293,6 +293,17 @@ def _soc_kernel(x: jax.Array, terms: int, max_norm: float, truncation: float) ->
     return value.astype(dtype)
 
 
+def check_series_padding(padding: Any) -> None:
+    """Refuses a padding that :func:`soc_conv` cannot apply term by term (ValueError)."""
+    if padding not in ("SAME", "CIRCULAR"):
+        raise ValueError(
+            f"soc_conv: padding must be 'SAME' or 'CIRCULAR' (each term keeps the input size, "
+            f"so the series is a polynomial in one skew-adjoint conv); got {padding!r}. For "
+            f"another padding, register soc() on a Conv with the merged kernel "
+            f"(soc_kernel_size) instead."
+        )
+
+
 def soc_conv(
     x: jax.Array,
     kernel: jax.Array,
@@ -347,13 +358,8 @@ def soc_conv(
             f"adjoint is its flipped transpose); got shape {list(kernel.shape)}."
         )
     g = convops.ConvGeometry() if geometry is None else geometry
-    if nd and g.padding not in ("SAME", "CIRCULAR"):
-        raise ValueError(
-            f"soc_conv: padding must be 'SAME' or 'CIRCULAR' (each term keeps the input size, "
-            f"so the series is a polynomial in one skew-adjoint conv); got {g.padding!r}. For "
-            f"another padding, register soc() on a Conv with the merged kernel "
-            f"(soc_kernel_size) instead."
-        )
+    if nd:
+        check_series_padding(g.padding)
     cdt = compute_dtype(kernel.dtype)
     m = _embed(kernel.astype(cdt) if nd else kernel.astype(cdt)[None])
     powers, scale = _soc_generator(m, p.terms, p.max_norm)
