@@ -56,7 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _atomic_cache_writes() -> None:
     """JAX's cache without a size limit writes an entry in place, so a process reading it at
     that moment (another xdist worker, a script) could read half of it: write a temporary file
-    and rename it instead (atomic on one filesystem)."""
+    and rename it instead (atomic on one filesystem). The scripts the suite starts do not load
+    this file and still write in place; a half entry read from one fails to decompress, which
+    JAX reports as a warning and answers by compiling (its cache read is guarded)."""
     try:
         from jax._src import lru_cache
     except ImportError:  # a JAX without this module: leave its cache as it is
