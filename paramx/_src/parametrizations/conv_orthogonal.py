@@ -361,7 +361,8 @@ def soc_conv(
     if nd:
         check_series_padding(g.padding)
     cdt = compute_dtype(kernel.dtype)
-    m = _embed(kernel.astype(cdt) if nd else kernel.astype(cdt)[None])
+    k = kernel.astype(cdt)
+    m = _embed(k if nd else k[None])  # a Dense kernel as a conv with no spatial axes
     powers, scale = _soc_generator(m, p.terms, p.max_norm)
     lap = powers[0] if nd else powers[0][0]
     cin, cout = kernel.shape[-2:]
