@@ -45,6 +45,9 @@ import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _machine import cpu_info  # noqa: E402
 
 import paramx as px  # noqa: E402
 from paramx._src.parametrizations.conv_spectral_norm import (  # noqa: E402
@@ -170,7 +173,7 @@ def main() -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_info(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -71,18 +70,7 @@ from paramx._src.parametrizations import linalg  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _inputs import skew_inputs  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import cpu_info  # noqa: E402
 
 
 def time_block(fn: Callable[..., object], args: tuple, calls: int) -> float:
@@ -136,7 +124,8 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def main() -> None:
     blas = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
+    cpu = cpu_info()
+    print(f"CPU: {cpu['cpu']}, {cpu['cpu_class']} ({os.cpu_count()} logical cores)")
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}, OPENBLAS_NUM_THREADS={blas}")
     print(f"float32, value_and_grad of sum(f(A) * C), median of {ARGS.reps} repetitions")
     print("cells: milliseconds per call, [multiple of one matmul: median (quartiles)]\n")

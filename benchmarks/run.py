@@ -64,18 +64,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, or what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def version(dist: str) -> str | None:
     """A distribution's installed version, or None."""
     try:
@@ -87,9 +75,10 @@ def version(dist: str) -> str | None:
 def machine(args: argparse.Namespace) -> dict[str, Any]:
     """What the numbers were measured on."""
     import jax
+    from _machine import cpu_info
 
     info: dict[str, Any] = {
-        "cpu": cpu_name(),
+        **cpu_info(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -22,6 +22,7 @@ FAMILIES = (
 )
 ROW_FIELDS = {"case", "paramx_s", "baseline", "baseline_s", "ratio", "goal", "met"}
 MACHINE_FIELDS = {"cpu", "cores", "python", "jax", "jaxlib", "flax", "optax", "torch", "date"}
+CPU_FIELDS = {"cpu", "cpu_class", "cpu_vendor", "cpu_family", "cpu_model", "cpu_stepping"}
 
 
 def test_smoke_run_writes_the_json_schema(tmp_path):
@@ -31,7 +32,7 @@ def test_smoke_run_writes_the_json_schema(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert set(data) == {"rows", "machine"}
-    assert MACHINE_FIELDS <= set(data["machine"])
+    assert MACHINE_FIELDS | CPU_FIELDS <= set(data["machine"])
     assert isinstance(data["machine"]["cores"], int)
     rows = data["rows"]
     assert rows
@@ -52,3 +53,23 @@ def test_smoke_run_writes_the_json_schema(tmp_path):
     # The table is printed progressively, one line per row.
     for r in rows:
         assert r["case"] in proc.stdout
+
+
+def test_cpu_class_names_the_microarchitecture(monkeypatch):
+    # Both hosts of the suite's runs reported the model name "AMD EPYC"; the family and model
+    # numbers tell them apart, and the results tables are kept per class.
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    sys.modules.pop("_machine", None)
+    import _machine
+
+    assert _machine.cpu_class("AuthenticAMD", 25, 17) == "AMD Zen 4"
+    assert _machine.cpu_class("AuthenticAMD", 25, 1) == "AMD Zen 3"
+    assert _machine.cpu_class("AuthenticAMD", 23, 49) == "AMD Zen 2"
+    assert _machine.cpu_class("GenuineIntel", 6, 143) == "Intel Sapphire Rapids"
+    assert _machine.cpu_class("GenuineIntel", 6, 1) == "GenuineIntel family 6 model 1"
+    info = _machine.cpu_info()
+    assert set(info) == CPU_FIELDS | {"cpu_flags"}
+    assert isinstance(info["cpu"], str) and info["cpu"]

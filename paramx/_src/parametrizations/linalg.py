@@ -49,8 +49,12 @@ products than 7 or 13. Scaling by ``2^-s`` is exact and folded into the scalar c
 (``(A/2^s)^{2k} = 2^{-2ks} A^{2k}``), so it costs no extra pass over the matrices. The
 squarings run in a ``lax.while_loop`` with the data-dependent trip count ``s``. With a batch,
 the degree is shared (the largest needed), ``s`` is per matrix and finished matrices are
-masked. Inputs with ``||A||_1`` beyond about ``2^21`` (float32) or ``2^170`` (float64)
-overflow ``A^6`` and give NaN (``jax.scipy.linalg.expm`` returns NaN from about ``5e5``).
+masked. Under ``jax.vmap`` (batched materialization, ``nn.vmap`` stacks, a user's own vmap)
+the same happens: the forward and the backward have ``custom_vmap`` rules that call them on
+the stack, where plain vmap would turn each ``lax.cond`` into a select of all its branches
+(every degree computed, each with its LU solve). Inputs with ``||A||_1`` beyond about ``2^21``
+(float32) or ``2^170`` (float64) overflow ``A^6`` and give NaN (``jax.scipy.linalg.expm``
+returns NaN from about ``5e5``).
 
 *Backward.* JAX's VJP of ``exp`` at ``A`` for a cotangent ``G`` is the Fréchet derivative
 ``L_exp(A^T, G)``, with a plain transpose also for complex ``A`` (JAX transposes linear maps
@@ -140,11 +144,11 @@ from collections.abc import Callable
 from fractions import Fraction
 from functools import partial
 from math import factorial
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import custom_batching, lax
 
 from paramx._src.parametrizations.numerics import lapack
 
@@ -340,7 +344,7 @@ class _ExpmResiduals(NamedTuple):
     z1: jax.Array
     lu: _LU  # factors of Q = p(-A_s) = V - U
     r: jax.Array  # R = r_m(A_s)
-    squares: jax.Array  # X_1, ..., X_k (k = stored_squares), X_j = R^(2^j)
+    squares: jax.Array  # (..., k, n, n): X_1, ..., X_k (k = stored_squares), X_j = R^(2^j)
     s: jax.Array  # number of squarings, per matrix
     scale: jax.Array  # 2^-s, per matrix (real)
     degree: jax.Array  # index into _Config.degrees
@@ -448,12 +452,13 @@ def _mask(k: jax.Array | int, s: jax.Array, new: jax.Array, old: jax.Array) -> j
 def _square(r: jax.Array, s: jax.Array, stored: int) -> tuple[jax.Array, jax.Array]:
     """``X_s`` with ``X_0 = R``, ``X_{k+1} = X_k^2``; also returns ``X_1..X_stored``."""
     s_max = jnp.max(s)
-    squares = jnp.zeros((stored, *r.shape), r.dtype)
+    axis = r.ndim - 2  # the squares' axis: the batch axes stay leading (see _expm_vmap)
+    squares = jnp.zeros((*r.shape[:-2], stored, *r.shape[-2:]), r.dtype)
 
     def store_step(c: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         k, x, squares = c
         x = _mask(k, s, _mm(x, x), x)
-        return k + 1, x, lax.dynamic_update_index_in_dim(squares, x, k, 0)
+        return k + 1, x, lax.dynamic_update_index_in_dim(squares, x, k, axis)
 
     def plain_step(c: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         k, x = c
@@ -503,12 +508,13 @@ def _square_vjp(
         x = _mm(x, x)
         return k + 1, step(k, g, x), x
 
-    start: tuple[jax.Array, ...] = (jnp.int32(stored + 1), g, squares[stored - 1])
+    axis = squares.ndim - 3
+    start: tuple[jax.Array, ...] = (jnp.int32(stored + 1), g, squares[..., stored - 1, :, :])
     _, g, _ = lax.while_loop(lambda c: c[0] < s_max, recomputed, start)
 
     def stored_step(c: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         k, g = c
-        return k - 1, step(k - 1, g, lax.dynamic_index_in_dim(squares, k - 2, 0, False))
+        return k - 1, step(k - 1, g, lax.dynamic_index_in_dim(squares, k - 2, axis, False))
 
     rest: tuple[jax.Array, ...] = (jnp.minimum(s_max, stored + 1), g)
     _, g = lax.while_loop(lambda c: c[0] > 1, stored_step, rest)
@@ -587,12 +593,69 @@ def _expm_backward(res: _ExpmResiduals, gbar: jax.Array) -> tuple[jax.Array]:
     return (abar,)
 
 
+# Under ``jax.vmap`` (batched materialization, ``nn.vmap`` stacks, a user's own vmap) the
+# data-dependent ``lax.cond``s above would get a batched predicate, and vmap then runs every
+# branch (all three degrees, each with its LU solve) and selects. The forward and backward
+# handle leading batch axes themselves (one degree for the batch, squarings masked per
+# matrix), so their vmap rules move the mapped axis in front and call them on the stack.
+
+
+def _all(tree: Any, flag: bool) -> Any:
+    return jax.tree_util.tree_map(lambda _: flag, tree)
+
+
+def _stack(axis_size: int, tree: Any, batched: Any) -> Any:
+    """Every leaf of ``tree`` with the mapped axis in front (unbatched ones broadcast)."""
+
+    def one(x: jax.Array, b: bool) -> jax.Array:
+        return x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+
+    return jax.tree_util.tree_map(one, tree, batched)
+
+
+def _vmapped(fn: Callable[..., Any], axis_size: int, in_batched: Any, *args: Any) -> Any:
+    """Plain ``jax.vmap`` of ``fn`` (the rules' fallback); every output batched."""
+    axes = jax.tree_util.tree_map(lambda b: 0 if b else None, in_batched)
+    return jax.vmap(fn, in_axes=tuple(axes), axis_size=axis_size)(*args)
+
+
+_expm_forward_batched = custom_batching.custom_vmap(_expm_forward)
+_expm_backward_batched = custom_batching.custom_vmap(_expm_backward)
+
+
+@_expm_forward_batched.def_vmap
+def _expm_forward_rule(
+    axis_size: int, in_batched: tuple[bool], a: jax.Array
+) -> tuple[tuple[jax.Array, _ExpmResiduals], Any]:
+    """The stack's forward: one degree for all (a scalar residual), squarings per matrix."""
+    out = _expm_forward_batched(a)
+    if not in_batched[0]:
+        return out, _all(out, False)
+    flags = _all(out, True)
+    return out, (flags[0], flags[1]._replace(degree=False))
+
+
+@_expm_backward_batched.def_vmap
+def _expm_backward_rule(
+    axis_size: int, in_batched: tuple[_ExpmResiduals, bool], res: _ExpmResiduals, g: jax.Array
+) -> tuple[tuple[jax.Array], tuple[bool]]:
+    """The stack's backward, unless the degree is batched (not from our forward rule) or no
+    residual is (only the cotangent: ``jax.jacrev``'s basis), where plain vmap keeps every
+    decision unbatched and the residuals unbroadcast."""
+    res_batched, g_batched = in_batched
+    if res_batched.degree or not any(jax.tree_util.tree_leaves(res_batched)):
+        return _vmapped(_expm_backward, axis_size, in_batched, res, g), (True,)
+    degree = res.degree
+    res, g = _stack(axis_size, (res, g), (res_batched._replace(degree=True), g_batched))
+    return _expm_backward_batched(res._replace(degree=degree), g), (True,)
+
+
 @jax.custom_vjp
 def _expm(a: jax.Array) -> jax.Array:
-    return _expm_forward(a)[0]
+    return cast(jax.Array, _expm_forward_batched(a)[0])
 
 
-_expm.defvjp(_expm_forward, _expm_backward)
+_expm.defvjp(_expm_forward_batched, _expm_backward_batched)
 
 
 # ----------------------------------------------------------------------------------------------
