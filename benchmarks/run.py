@@ -191,7 +191,8 @@ def plot(rows: list[dict[str, Any]], path: Path, info: dict[str, Any]) -> None:
     ax.set_xlabel("ratio paramx / baseline (lower is better); black tick: goal")
     ax.set_title(
         f"paramx benchmarks, {info['mode']}: green met, red missed, gray no goal\n"
-        f"{info['cpu']}, {info['cores']} cores, jax {info['jax']}, {info['date'][:10]}",
+        f"{info['cpu']} ({info['cpu_class']}), {info['cores']} cores, jax {info['jax']}, "
+        f"{info['date'][:10]}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in missed:
         print(f"  missed: {r['case']}: ratio {r['ratio']:.3f} > goal {r['goal']:g}")
     print(
-        f"machine: {info['cpu']}, {info['cores']} cores, python {info['python']}, "
+        f"machine: {info['cpu']} ({info['cpu_class']}), {info['cores']} cores, "
+        f"python {info['python']}, "
         f"jax {info['jax']}, flax {info['flax']}, optax {info['optax']}, torch {info['torch']}"
     )
     if args.json:

@@ -637,11 +637,12 @@ def _expm_forward_rule(
 
 @_expm_backward_batched.def_vmap
 def _expm_backward_rule(
-    axis_size: int, in_batched: tuple[_ExpmResiduals, bool], res: _ExpmResiduals, g: jax.Array
+    axis_size: int, in_batched: tuple[Any, bool], res: _ExpmResiduals, g: jax.Array
 ) -> tuple[tuple[jax.Array], tuple[bool]]:
     """The stack's backward, unless the degree is batched (not from our forward rule) or no
     residual is (only the cotangent: ``jax.jacrev``'s basis), where plain vmap keeps every
-    decision unbatched and the residuals unbroadcast."""
+    decision unbatched and the residuals unbroadcast. ``in_batched[0]`` is an
+    ``_ExpmResiduals`` of bools."""
     res_batched, g_batched = in_batched
     if res_batched.degree or not any(jax.tree_util.tree_leaves(res_batched)):
         return _vmapped(_expm_backward, axis_size, in_batched, res, g), (True,)
