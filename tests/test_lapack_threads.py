@@ -15,6 +15,8 @@ from conftest import assert_close, run_python
 from jax import lax
 from jax.extend.core import jaxprs_in_params
 
+import paramx as px
+from paramx._src.core import stacks
 from paramx._src.parametrizations import numerics
 
 # Six Cayley convolutions of 16x16 inputs, 8 channels: each step runs six batched complex LU
@@ -68,6 +70,20 @@ _LAPACK_PRIMITIVES = (
 )
 
 
+def _lapack_calls(closed):
+    """``(batch size, per-matrix work estimate)`` of every LAPACK-backed call in a jaxpr."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in _LAPACK_PRIMITIVES:
+                aval = eqn.invars[0].aval
+                yield math.prod(aval.shape[:-2]), stacks.lapack_flops(aval.shape, aval.dtype)
+            for sub in jaxprs_in_params(eqn.params):
+                yield from walk(getattr(sub, "jaxpr", sub))
+
+    return list(walk(closed.jaxpr))
+
+
 def _lapack_batches(fn, *xs):
     """The batch size of every LAPACK-backed call in the jaxpr of ``numerics.lapack(fn, *xs)``."""
 
@@ -84,7 +100,8 @@ def _lapack_batches(fn, *xs):
 
 def _chunked(fn, *xs):
     """Whether ``numerics.lapack`` splits this call into calls under jaxlib's threshold."""
-    per_call = (numerics._LAPACK_TASK_FLOPS - 1) // max(numerics._lapack_flops(x) for x in xs)
+    work = max(stacks.lapack_flops(x.shape, x.dtype) for x in xs)
+    per_call = (stacks.LAPACK_TASK_FLOPS - 1) // work
     batches = _lapack_batches(fn, *xs)
     return max(batches) <= max(per_call, 1) < math.prod(xs[0].shape[:-2])
 
@@ -125,7 +142,7 @@ def test_a_batch_under_the_threshold_is_one_call():
 @pytest.mark.parametrize("lanes", [1, 3, 8])
 def test_chunks_side_by_side_equal_one_call(lanes, monkeypatch):
     """On a machine with ``lanes`` CPUs: that many calls per step of the loop, and a rest."""
-    monkeypatch.setattr(numerics, "_lanes", lambda: lanes)
+    monkeypatch.setattr(stacks, "lanes", lambda: lanes)
     x = _batch((5, 61, 12, 12), jnp.float64)  # 305 matrices, 11 per call
     assert max(_lapack_batches(jnp.linalg.slogdet, x)) <= 11
     got = jax.jit(lambda x: numerics.lapack(jnp.linalg.slogdet, x))(x)
@@ -158,3 +175,90 @@ def test_matrices_with_other_batch_shapes_are_one_call():
     b = jnp.ones((1, 6, 2))
     assert max(_lapack_batches(jnp.linalg.solve, a, b)) == 300
     assert_close(numerics.lapack(jnp.linalg.solve, a, b), jnp.linalg.solve(a, b))
+
+
+# ----- stacks of tensors: vmap over layers ----------------------------------------------------
+# A parametrization's own chunking sees one tensor: ``jax.vmap`` over a stack (``batch_axes``,
+# ``nn.vmap`` layers, ``materialize(batch=True)``) multiplies each of its LAPACK calls by the
+# stack size. Six stacks of 16 Cayley-orthogonal 64x64 kernels registered with ``batch_axes=1``
+# hung 2 of 2 runs (60 s) before ``per_tensor`` kept the vmapped calls under the threshold.
+_SIX_STACKS = """
+import os
+os.sched_setaffinity(0, range(os.cpu_count()))
+import jax, jax.numpy as jnp
+import paramx as px
+tree = {}
+for i in range(6):
+    tree[f"k{i}"] = jax.random.normal(jax.random.key(i), (16, 64, 64)) * 0.1
+    tree = px.register_parametrization(tree, f"k{i}", px.Orthogonal("cayley"), batch_axes=1)
+params, state = px.split_state(tree)
+loss = lambda p: sum(jnp.sum(v ** 2) for v in jax.tree.leaves(px.materialize(p, state)))
+step = jax.jit(jax.grad(loss))
+for _ in range(20):
+    jax.block_until_ready(step(params))
+print("ok")
+"""
+
+
+def test_stacks_of_factorizing_layers_in_one_step_do_not_hang():
+    try:
+        out = run_python("-c", _SIX_STACKS, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a training step with six stacks of Cayley-orthogonal layers hung (300 s)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def _stack(layers, n=24, dtype=jnp.float64):
+    k = jax.random.normal(jax.random.key(2), (layers, n, n), dtype) * 0.3
+    return {"k": k}
+
+
+@pytest.mark.parametrize("how", ["batch_axes", "batch=True"])
+def test_stacked_factorizations_stay_under_the_threshold_and_equal_per_layer(how):
+    # 12 layers of 24x24 (138,240 flops each by jaxlib's estimate): one vmapped call over the
+    # stack would be 12 times that; per_tensor runs one layer per call.
+    layers = 12
+    p = px.Orthogonal("cayley")
+    if how == "batch_axes":
+        tree = px.register_parametrization(_stack(layers), "k", p, batch_axes=1)
+        params, state = px.split_state(tree)
+        materialize = lambda pr: px.materialize(pr, state)["k"]
+    else:
+        k = _stack(layers)["k"]
+        names = [f"k{i}" for i in range(layers)]
+        tree = {n: k[i] for i, n in enumerate(names)}
+        for n in names:
+            tree = px.register_parametrization(tree, n, p)
+        params, state = px.split_state(tree)
+        materialize = lambda pr: jnp.stack(
+            [px.materialize(pr, state, batch=True)[n] for n in names]
+        )
+    loss = lambda pr: jnp.sum(jnp.sin(materialize(pr)))
+    calls = _lapack_calls(jax.make_jaxpr(jax.value_and_grad(loss))(params))
+    assert calls and all(b * w < stacks.LAPACK_TASK_FLOPS for b, w in calls), calls
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    # The same layers one by one (no stack, no vmap).
+    k = _stack(layers)["k"]
+    want_value, want_grads = 0.0, []
+    for i in range(layers):
+        p_i, s_i = px.split_state(px.register_parametrization({"k": k[i]}, "k", p))
+        v, g = jax.value_and_grad(
+            lambda pr, s_i=s_i: jnp.sum(jnp.sin(px.materialize(pr, s_i)["k"]))
+        )(p_i)
+        want_value += v
+        want_grads.append(jax.tree.leaves(g)[0])
+    assert_close(value, want_value, scale=10)
+    if how == "batch_axes":
+        got = list(jax.tree.leaves(grads)[0])
+    else:  # one node per layer, in the order of `names` (tree.leaves sorts k10 before k2)
+        got = [jax.tree.leaves(grads[f"k{i}"])[0] for i in range(layers)]
+    for g, w in zip(got, want_grads, strict=True):
+        assert_close(g, w, scale=10)
+
+
+def test_a_stack_without_factorizations_is_one_vmap():
+    tree = px.register_parametrization(_stack(12), "k", px.WeightNorm(), batch_axes=1)
+    params, state = px.split_state(tree)
+    text = str(jax.make_jaxpr(lambda pr: px.materialize(pr, state))(params))
+    assert "while" not in text and "scan" not in text

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from paramx._src.core import checks
+from paramx._src.core import checks, stacks
 from paramx._src.core import parametrization as pz
 from paramx._src.core.node import Parametrized
 
@@ -136,10 +136,9 @@ def stack_axes(node: Parametrized, where: str) -> int:
 
 
 def per_tensor(fn: Callable[..., Any], n_axes: int) -> Callable[..., Any]:
-    """``fn`` mapped over ``n_axes`` leading axes of every argument and result."""
-    for _ in range(n_axes):
-        fn = jax.vmap(fn)
-    return fn
+    """``fn`` mapped over ``n_axes`` leading axes of every argument and result (``jax.vmap``,
+    kept under jaxlib's LAPACK thread-pool threshold on the CPU: ``stacks.per_tensor``)."""
+    return stacks.per_tensor(fn, n_axes)
 
 
 def node_value(

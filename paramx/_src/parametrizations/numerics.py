@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from paramx._src.core import stacks
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -71,32 +72,6 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-# jaxlib (0.10.2) splits a batched LAPACK call (LU, QR, SVD, eigh, Cholesky, triangular solve)
-# whose estimated work reaches 2e5 flops into tasks on XLA:CPU's intra-op thread pool and
-# blocks its thread until they finish; that thread is itself a pool worker, so when as many
-# such calls run at once as the pool has threads (independent layers of one training step,
-# or a step and the programs that registration left running), every worker waits for tasks
-# no free worker can take: the process hangs. jaxlib estimates the work per matrix as at most
-# 10 m n min(m, n) flops, 3 times that for complex matrices (the SVD's estimate; LU, QR,
-# Cholesky, eigh and the triangular solve estimate less).
-_LAPACK_TASK_FLOPS = 200_000
-
-
-def _lapack_flops(x: Any) -> int:
-    m, n = x.shape[-2:]
-    flops = 10 * m * n * min(m, n)
-    return 3 * flops if jnp.issubdtype(x.dtype, jnp.complexfloating) else flops
-
-
-def _lanes() -> int:
-    """How many chunks run side by side: the CPUs this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
-
-
 def lapack(fn: Any, *xs: jax.Array, **options: Any) -> Any:
     """``fn(*xs, **options)`` for a batched LAPACK-backed function (``jnp.linalg.svd``,
     ``lax.linalg.lu``, ...) over matrices ``xs`` that share their batch axes, computed on the
@@ -104,41 +79,24 @@ def lapack(fn: Any, *xs: jax.Array, **options: Any) -> Any:
 
     On the CPU (the default backend when traced), a batch whose estimated work reaches
     jaxlib's threshold is cut into chunks under it: as many independent calls side by side as
-    the process has CPUs (XLA runs independent calls on its pool, none waiting for another),
-    repeated by ``lax.map`` over the rest. Results, gradients and vmap are those of ``fn`` on
-    the whole batch. Everywhere else, and for a batch under the threshold, this is
-    ``fn(*xs, **options)``. Why: the comment above ``_LAPACK_TASK_FLOPS``.
+    the process has CPUs, repeated by ``lax.map`` over the rest (``stacks.chunked_call``).
+    Results, gradients and vmap are those of ``fn`` on the whole batch. Everywhere else, and
+    for a batch under the threshold, this is ``fn(*xs, **options)``. Why: the notes of
+    ``paramx._src.core.stacks`` (which also keeps stacks of tensors under the threshold).
     """
     x = xs[0]
     batch = tuple(x.shape[:-2])
     size = math.prod(batch)
-    per_call = max(1, (_LAPACK_TASK_FLOPS - 1) // max(1, max(_lapack_flops(y) for y in xs)))
+    work = max(stacks.lapack_flops(y.shape, y.dtype) for y in xs)
+    per_call = max(1, (stacks.LAPACK_TASK_FLOPS - 1) // max(1, work))
     if (
         size <= per_call
-        or jax.default_backend() != "cpu"
+        or not stacks.on_cpu()
         or any(tuple(y.shape[: len(batch)]) != batch or y.ndim != x.ndim for y in xs)
     ):
         return fn(*xs, **options)
-    flat = [y.reshape(size, *y.shape[len(batch) :]) for y in xs]
-    lanes = min(_lanes(), -(-size // per_call))
-
-    def side_by_side(parts: list[jax.Array], count: int) -> Any:
-        """``count`` items of ``parts`` (leading axis) in calls of at most ``per_call``."""
-        outs = [
-            fn(*(y[i : i + per_call] for y in parts), **options) for i in range(0, count, per_call)
-        ]
-        return jax.tree.map(lambda *o: jnp.concatenate(o), *outs) if len(outs) > 1 else outs[0]
-
-    step = lanes * per_call
-    loops, rest = divmod(size, step)
-    pieces = []
-    if loops:
-        head = [y[: loops * step].reshape(loops, step, *y.shape[1:]) for y in flat]
-        out = jax.lax.map(lambda parts: side_by_side(list(parts), step), head)
-        pieces.append(jax.tree.map(lambda o: o.reshape(loops * step, *o.shape[2:]), out))
-    if rest:
-        pieces.append(side_by_side([y[loops * step :] for y in flat], rest))
-    out = pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *o: jnp.concatenate(o), *pieces)
+    flat = tuple(y.reshape(size, *y.shape[len(batch) :]) for y in xs)
+    out = stacks.chunked_call(lambda *parts: fn(*parts, **options), flat, size, per_call)
     return jax.tree.map(lambda o: o.reshape(*batch, *o.shape[1:]), out)
 
 
