@@ -19,33 +19,47 @@ import paramx as px
 from paramx._src.core import stacks
 from paramx._src.parametrizations import numerics
 
-# Six Cayley convolutions of 16x16 inputs, 8 channels: each step runs six batched complex LU
-# factorizations (one per layer, 144 frequencies each) side by side. Before the chunking, this
-# hung within the first steps in 3 of 3 runs on 2 cores (and ran in 1 s when it did not).
-_SIX_LAYERS = """
+# A training step of six independently factorizing layers in a fresh interpreter with every
+# CPU (the suite pins its workers to one), with a deadline: each step runs six batched LAPACK
+# calls side by side.
+_SIX_LAYER_STEP = """
 import os
-os.sched_setaffinity(0, range(os.cpu_count()))  # every CPU (the suite pins its workers to one)
+os.sched_setaffinity(0, range(os.cpu_count()))
 import jax, jax.numpy as jnp
 import paramx as px
 from paramx import lipschitz
-tree = {}
+tree = {{}}
 for i in range(6):
-    tree[f"c{i}"] = jax.random.normal(jax.random.key(i), (16, 16, 8, 8)) * 0.1
-    tree = lipschitz.cayley_conv(tree, f"c{i}")
+    tree[f"k{{i}}"] = jax.random.normal(jax.random.key(i), {shape}) * 0.1
+    tree = {register}
 params, state = px.split_state(tree)
 loss = lambda p: sum(jnp.sum(v ** 2) for v in jax.tree.leaves(px.materialize(p, state)))
 step = jax.jit(jax.grad(loss))
-for _ in range(5):
+for _ in range(20):
     jax.block_until_ready(step(params))
 print("ok")
 """
+HANGS = {
+    # Cayley convolutions of 16x16 inputs, 8 channels: a complex LU over 144 frequencies per
+    # layer. Before numerics.lapack chunked it: hung within the first steps, 3 of 3 runs.
+    "cayley_conv": ((16, 16, 8, 8), 'lipschitz.cayley_conv(tree, f"k{i}")'),
+    # Stacks of 16 Cayley-orthogonal 64x64 kernels: vmap over the stack makes one LU over 16
+    # matrices per layer. Before stacks.per_tensor chunked it: hung 2 of 2 runs (60 s).
+    "batch_axes_stack": (
+        (16, 64, 64),
+        'px.register_parametrization(tree, f"k{i}", px.Orthogonal("cayley"), batch_axes=1)',
+    ),
+}
 
 
-def test_independent_batched_factorizations_in_one_step_do_not_hang():
+@pytest.mark.parametrize("case", sorted(HANGS))
+def test_independent_batched_factorizations_in_one_step_do_not_hang(case):
+    shape, register = HANGS[case]
+    script = _SIX_LAYER_STEP.format(shape=shape, register=register)
     try:
-        out = run_python("-c", _SIX_LAYERS, timeout=300)
+        out = run_python("-c", script, timeout=300)
     except subprocess.TimeoutExpired:
-        pytest.fail("a training step with six Cayley convolutions hung (no result in 300 s)")
+        pytest.fail(f"a training step with six {case} layers hung (no result in 300 s)")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 
@@ -180,33 +194,7 @@ def test_matrices_with_other_batch_shapes_are_one_call():
 # ----- stacks of tensors: vmap over layers ----------------------------------------------------
 # A parametrization's own chunking sees one tensor: ``jax.vmap`` over a stack (``batch_axes``,
 # ``nn.vmap`` layers, ``materialize(batch=True)``) multiplies each of its LAPACK calls by the
-# stack size. Six stacks of 16 Cayley-orthogonal 64x64 kernels registered with ``batch_axes=1``
-# hung 2 of 2 runs (60 s) before ``per_tensor`` kept the vmapped calls under the threshold.
-_SIX_STACKS = """
-import os
-os.sched_setaffinity(0, range(os.cpu_count()))
-import jax, jax.numpy as jnp
-import paramx as px
-tree = {}
-for i in range(6):
-    tree[f"k{i}"] = jax.random.normal(jax.random.key(i), (16, 64, 64)) * 0.1
-    tree = px.register_parametrization(tree, f"k{i}", px.Orthogonal("cayley"), batch_axes=1)
-params, state = px.split_state(tree)
-loss = lambda p: sum(jnp.sum(v ** 2) for v in jax.tree.leaves(px.materialize(p, state)))
-step = jax.jit(jax.grad(loss))
-for _ in range(20):
-    jax.block_until_ready(step(params))
-print("ok")
-"""
-
-
-def test_stacks_of_factorizing_layers_in_one_step_do_not_hang():
-    try:
-        out = run_python("-c", _SIX_STACKS, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail("a training step with six stacks of Cayley-orthogonal layers hung (300 s)")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+# stack size; ``stacks.per_tensor`` keeps the vmapped calls under the threshold.
 
 
 def _stack(layers, n=24, dtype=jnp.float64):
