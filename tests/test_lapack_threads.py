@@ -100,16 +100,8 @@ def _lapack_calls(closed):
 
 def _lapack_batches(fn, *xs):
     """The batch size of every LAPACK-backed call in the jaxpr of ``numerics.lapack(fn, *xs)``."""
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name in _LAPACK_PRIMITIVES:
-                yield math.prod(eqn.invars[0].aval.shape[:-2])
-            for sub in jaxprs_in_params(eqn.params):
-                yield from walk(sub)
-
     closed = jax.make_jaxpr(lambda *xs: numerics.lapack(fn, *xs))(*xs)
-    return list(walk(closed.jaxpr))
+    return [batch for batch, _ in _lapack_calls(closed)]
 
 
 def _chunked(fn, *xs):

@@ -150,6 +150,8 @@ def per_tensor(fn: Callable[..., Any], n_axes: int) -> Callable[..., Any]:
             return mapped(*args)
         batch = tuple(jax.typeof(leaves[0]).shape[:n_axes])
         size = math.prod(batch)
+        if size <= 1:  # nothing to chunk: skip tracing fn once more
+            return mapped(*args)
         per_call = _per_call(fn, args, n_axes)
         if per_call is None or size <= per_call:
             return mapped(*args)

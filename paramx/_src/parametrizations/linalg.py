@@ -452,7 +452,7 @@ def _mask(k: jax.Array | int, s: jax.Array, new: jax.Array, old: jax.Array) -> j
 def _square(r: jax.Array, s: jax.Array, stored: int) -> tuple[jax.Array, jax.Array]:
     """``X_s`` with ``X_0 = R``, ``X_{k+1} = X_k^2``; also returns ``X_1..X_stored``."""
     s_max = jnp.max(s)
-    axis = r.ndim - 2  # the squares' axis: the batch axes stay leading (see _expm_vmap)
+    axis = r.ndim - 2  # the squares' axis: batch axes lead, as the vmap rules below need
     squares = jnp.zeros((*r.shape[:-2], stored, *r.shape[-2:]), r.dtype)
 
     def store_step(c: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -627,10 +627,9 @@ _expm_backward_batched = custom_batching.custom_vmap(_expm_backward)
 def _expm_forward_rule(
     axis_size: int, in_batched: tuple[bool], a: jax.Array
 ) -> tuple[tuple[jax.Array, _ExpmResiduals], Any]:
-    """The stack's forward: one degree for all (a scalar residual), squarings per matrix."""
+    """The stack's forward: one degree for all (a scalar residual), squarings per matrix.
+    (``a`` is the only operand, so the rule only runs with it batched.)"""
     out = _expm_forward_batched(a)
-    if not in_batched[0]:
-        return out, _all(out, False)
     flags = _all(out, True)
     return out, (flags[0], flags[1]._replace(degree=False))
 
