@@ -79,7 +79,10 @@ def sizes(cfg: SimpleNamespace) -> SimpleNamespace:
         widths=[128, 256, 512], ns=[64, 256, 512], expm_ns=[64, 256, 512],
         flax_widths=[128, 256, 512], T=100, hidden=128, compile_layers=64, compile_width=64,
         compile_params=PARAMS, mem_width=512, block=0.1, overhead_block=0.2, compile_reps=5,
-        batched=[("orthogonal", 16, 256), ("orthogonal", 64, 64), ("weight_norm", 64, 64)],
+        batched=[
+            ("orthogonal", 16, 256), ("orthogonal", 64, 64), ("spectral_norm", 64, 64),
+            ("weight_norm", 64, 64),
+        ],
     )  # fmt: skip
 
 

@@ -515,3 +515,42 @@ def test_concurrent_complex_cayley_transforms_finish():
     )
     run = run_python("-c", script, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize(
+    "fn,shape",
+    [
+        (lambda a: expm_skew(a, plan="adaptive"), (2, 13, 13)),
+        (lambda a: expm_skew(a, plan="static"), (2, 13, 13)),
+        (cayley, (2, 13, 13)),
+        (lambda a: linalg.polar(a[..., :5]), (2, 13, 13)),
+    ],
+    ids=["expm_adaptive", "expm_static", "cayley", "polar"],
+)
+def test_an_eager_call_compiles_one_program(fn, shape):
+    """Called outside ``jit`` (registration, a notebook), a kernel runs as one compiled
+    program, as ``jax.numpy``'s functions do, not operation by operation (the adaptive
+    exponential compiled 89 programs for a new shape, 0.13 s per call on small matrices)."""
+    import logging
+
+    compiled = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling"):
+                compiled.append(record.getMessage())
+
+    a = skew(7, shape, jnp.float32)
+    jax.block_until_ready(a)
+    handler = Count()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            jax.block_until_ready(fn(a))
+    finally:
+        logger.removeHandler(handler)
+    kernels = [m for m in compiled if "jit(_" in m]
+    others = [m for m in compiled if "jit(_" not in m]
+    assert len(kernels) <= 1, kernels
+    assert len(others) <= 3, [m[:80] for m in others]  # argument preparation (eye, slices)

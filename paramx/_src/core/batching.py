@@ -6,9 +6,10 @@ dataclasses and ``Parametrization`` tuples by value, plain functions by identity
 originals, ``params`` and ``state`` layout (tree structure, shapes, dtypes, weak types).
 :func:`batched_values` stacks each such group along a new leading axis, runs the per-tensor
 computation (``update_state`` included) once under ``jax.vmap`` and splits the results
-again. The traced program holds one copy of the chain per group instead of one per tensor,
-and the group's products run as batched products: fewer, larger kernels. Whether that pays
-depends on the backend (``auto_batches`` says when ``batch="auto"`` uses it, and why).
+again (``stacks.stack`` / ``stacks.unstack``: slices XLA compiles once for the whole group).
+The traced program holds one copy of the chain per group instead of one per tensor, and the
+group's products run as batched products: fewer, larger kernels. Whether that pays depends on
+the backend (``auto_batches`` says when ``batch="auto"`` uses it, and why).
 
 What is never batched (computed per tensor, exactly as before):
 
@@ -29,10 +30,9 @@ from collections.abc import Hashable, Sequence
 from typing import Any, cast
 
 import jax
-import jax.numpy as jnp
 
 from paramx._src.core import chain as ch
-from paramx._src.core import paths, sharding
+from paramx._src.core import paths, sharding, stacks
 from paramx._src.core.node import Parametrized, is_node
 
 MODES = (True, False, "auto")
@@ -42,16 +42,19 @@ MODES = (True, False, "auto")
 def auto_batches() -> bool:
     """Whether ``batch="auto"`` stacks groups: on GPU and TPU backends, not on CPU.
 
-    On XLA:CPU batching does not pay (measured, ``benchmarks/README.md``): the compiler
-    emits each distinct fused kernel once and reuses it for identical ones, so N equal
-    per-tensor computations compile about as fast as one, while unstacking a group's results
-    takes one distinct slice kernel per tensor (tens of milliseconds of compile time each);
-    and N independent per-tensor computations already keep the cores busy (at 256 x 256 a
-    product runs at the same speed batched or not, and the per-tensor LAPACK calls overlap
-    with the other tensors' products). On accelerators each per-tensor kernel is a launch,
-    and the matrix functions' default plan there has no control flow.
+    On accelerators each per-tensor kernel is a launch, and the matrix functions' default plan
+    there has no control flow. On XLA:CPU (measured, ``benchmarks/README.md``) batching pays
+    only for many small tensors: 64 equal 64 x 64 spectral-norm or weight-norm layers step in
+    0.82-0.97x / 0.88-1.01x of the per-tensor time (three runs), but batched 4-layer MLPs of
+    128 to 512 wide kernels stepped in 1.07x to 1.26x of the hand-written per-layer step (the
+    stacking copies cost more than the launches they save, which the CPU does not have); and
+    chains with LAPACK calls step slower batched at every size measured (1.15-1.23x for
+    64 x 64 orthogonal layers, 1.34-1.36x for 16 x 256 x 256): their stacked calls are cut
+    into chunks under jaxlib's thread-pool threshold (``stacks.py``), while separate tensors
+    overlap one tensor's LAPACK calls with the others' products. ``batch=True`` batches on
+    the CPU too, for the compile time of deep stacks of small layers.
     """
-    return jax.default_backend() != "cpu"
+    return not stacks.on_cpu()
 
 
 def check_mode(batch: object) -> bool | str:
@@ -113,23 +116,21 @@ def group_value(
 ) -> list[tuple[Any, Any]]:
     """Each node's ``(value, new_state)``, computed in one vmapped call over the group."""
     first = nodes[0]
-    stacked = jax.tree_util.tree_map(
-        lambda *xs: jnp.stack(xs), *[(n.originals, n.params, n.state) for n in nodes]
-    )
 
     def one(parts: tuple[Any, Any, Any]) -> tuple[Any, Any]:
         originals, params, state = parts
         node = first.replace(originals=originals, params=params, state=state)
         return ch.node_value(node, update_state=update_state, where=where)
 
+    stacked = jax.tree_util.tree_map(
+        lambda *xs: stacks.stack(list(xs)), *[(n.originals, n.params, n.state) for n in nodes]
+    )
+
     out = ch.per_tensor(one, 1)(stacked)  # vmap, under jaxlib's LAPACK threshold on the CPU
     flat, treedef = jax.tree_util.tree_flatten(out)
     unflatten = cast(Any, treedef).unflatten
-    k = len(nodes)
-    pieces = [jnp.split(x, k, axis=0) if k > 1 else [x] for x in flat]
-    return [
-        cast(tuple[Any, Any], unflatten([jnp.squeeze(p[i], 0) for p in pieces])) for i in range(k)
-    ]
+    pieces = [stacks.unstack(x) for x in flat]
+    return [cast(tuple[Any, Any], unflatten([p[i] for p in pieces])) for i in range(len(nodes))]
 
 
 def batched_values(

@@ -53,7 +53,7 @@ def materialize(
         the per-tensor computation (to rounding). Tensors with a sharding (``shardings=``, or
         sharded arrays) and links that cannot be vmapped are computed one by one. ``False``:
         every tensor separately. ``"auto"`` (default): batched on GPU and TPU, separately on
-        CPU, where batching was measured to cost compile and step time.
+        CPU, where batching was measured to cost step time except for many small tensors.
 
     Returns:
       The plain tree; with ``update_state=True``, the pair ``(plain_tree, new_state)``, where

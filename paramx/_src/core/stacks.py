@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 LAPACK_TASK_FLOPS = 200_000
@@ -105,6 +106,67 @@ def chunked_call(call: Callable[..., Any], args: tuple[Any, ...], size: int, per
     if rest:
         pieces.append(side_by_side(jax.tree.map(lambda x: x[loops * step :], args), rest))
     return pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *o: jnp.concatenate(o), *pieces)
+
+
+def _opaque_indices(n: int) -> tuple[jax.Array, ...]:
+    """``0 .. n-1`` behind an optimization barrier: XLA cannot fold them into the slices."""
+    return tuple(jax.lax.optimization_barrier(tuple(jnp.int32(i) for i in range(n))))
+
+
+def _take_each(x: jax.Array) -> list[jax.Array]:
+    index = _opaque_indices(x.shape[0])
+    return [jax.lax.dynamic_index_in_dim(x, index[i], keepdims=False) for i in range(x.shape[0])]
+
+
+def _no_tangent(t: Any) -> bool:
+    return getattr(t, "dtype", None) == jax.dtypes.float0
+
+
+@jax.custom_jvp
+def stack(xs: list[jax.Array]) -> jax.Array:
+    """``jnp.stack(xs)`` whose reverse-mode derivative takes the pieces by one slice kernel.
+
+    XLA:CPU compiles each distinct kernel once and reuses it for identical ones. The
+    derivative of ``jnp.stack`` (and the pieces of a plain unstack) are slices at constant
+    offsets: one distinct kernel per piece, often fused with the math around it, which made
+    compiling a group of 64 small layers cost more than compiling the 64 layers one by one.
+    Here the slices read offsets XLA cannot see (an ``optimization_barrier``), so they are one
+    kernel run ``len(xs)`` times. The tangent is a sum of ``dynamic_update_slice``s into
+    zeros, whose transpose is those slices (forward mode pays a sum over the stack).
+    """
+    return jnp.stack(xs)
+
+
+@stack.defjvp
+def _stack_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    (xs,), (ts,) = primals, tangents
+    shape = (len(xs), *jnp.shape(ts[0]))
+    if _no_tangent(ts[0]):  # integer primals: a float0 tangent
+        return stack(xs), np.zeros(shape, jax.dtypes.float0)
+    index = _opaque_indices(len(xs))
+    zeros = jnp.zeros(shape, jnp.result_type(ts[0]))
+    parts = [jax.lax.dynamic_update_index_in_dim(zeros, t, index[i], 0) for i, t in enumerate(ts)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return stack(xs), total
+
+
+@jax.custom_jvp
+def unstack(x: jax.Array) -> list[jax.Array]:
+    """The pieces of ``x`` along its leading axis, by one slice kernel (see :func:`stack`); the
+    reverse-mode derivative is one concatenation."""
+    return _take_each(x)
+
+
+@unstack.defjvp
+def _unstack_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    (x,), (t,) = primals, tangents
+    n = x.shape[0]
+    if _no_tangent(t):
+        return unstack(x), [np.zeros(x.shape[1:], jax.dtypes.float0) for _ in range(n)]
+    pieces = jnp.split(t, n, axis=0) if n > 1 else [t]
+    return unstack(x), [jnp.squeeze(p, 0) for p in pieces]
 
 
 def _lapack_work(jaxpr: Any) -> Iterator[int]:

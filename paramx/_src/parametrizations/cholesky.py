@@ -32,6 +32,7 @@ kernel (torch's ``(out, in)`` weight would hold the upper triangle); on a conv k
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -121,7 +122,11 @@ def factor_inverse(value: jax.Array, owner: str) -> jax.Array:
 def bartlett(key: jax.Array, shape: Any, dtype: Any) -> jax.Array:
     """The Cholesky factor of a Wishart(I, n) matrix by Bartlett's decomposition: standard
     normal entries below the diagonal and ``sqrt(chi²(n − i))`` at diagonal index ``i``."""
-    shape = tuple(shape)
+    return _bartlett(key, tuple(shape), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))  # one program when called eagerly (sample)
+def _bartlett(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     work = numerics.compute_dtype(dtype)
     n = shape[-1]
     kn, kc = jax.random.split(key)

@@ -68,6 +68,7 @@ are not supported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -305,6 +306,7 @@ def _exact_circular(kernel: jax.Array, geometry: ConvGeometry | None) -> jax.Arr
 # ----- power iteration on the conv --------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=(1, 3, 4))  # one program when called eagerly (init)
 def _power(
     kernel: jax.Array, geometry: ConvGeometry, u: jax.Array, n: int, eps: float
 ) -> jax.Array:

@@ -145,6 +145,7 @@ def _is_orthogonal(q: jax.Array) -> jax.Array:
     return jnp.all(err <= 10.0 * n * eps)
 
 
+@jax.jit  # one program when called eagerly (registration), as jax.numpy's functions
 def _complete_base(q: jax.Array) -> jax.Array:
     """An n x n unitary whose first k columns are the Q factor of the tall ``q``.
 
@@ -160,6 +161,7 @@ def _complete_base(q: jax.Array) -> jax.Array:
     return jnp.concatenate([qk, full[..., :, k:n]], axis=-1)
 
 
+@jax.jit
 def _householder_q(a: jax.Array) -> jax.Array:
     """First k columns of H_1 ... H_k, H_i = I - tau_i v_i v_i^T, v_i = e_i + a[:, i].
 

@@ -21,6 +21,7 @@ are refused at registration; complex tensors are supported, as in torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -61,6 +62,20 @@ def _normalize_or_keep(x: jax.Array, previous: jax.Array, eps: float) -> jax.Arr
     """``_normalize(x)``, or ``previous`` where ``x`` is exactly zero (a zero weight)."""
     norm = _norm(x)
     return jnp.where(norm > 0, x / jnp.maximum(norm, eps).astype(x.dtype), previous)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))  # one program when called eagerly (init)
+def _power_iterations(
+    mt: jax.Array, u: jax.Array, v: jax.Array, n: int, eps: float
+) -> tuple[jax.Array, jax.Array]:
+    # With mat = mt.T: mat @ v is v @ mt, and mat^H @ u is conj(mt) @ u.
+    def body(_: Any, uv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        u, v = uv
+        u = _normalize_or_keep(matmul(v, mt), u, eps)
+        v = _normalize_or_keep(matmul(jnp.conj(mt), u), v, eps)
+        return u, v
+
+    return jax.lax.fori_loop(0, n, body, (u, v))
 
 
 def _flat(w: jax.Array, front: bool) -> jax.Array:
@@ -190,14 +205,7 @@ class SpectralNorm:
         return _flat(jnp.moveaxis(w, self._axis(w.ndim), -1), front=False)
 
     def _iterate(self, mt: jax.Array, u: jax.Array, v: jax.Array, n: int) -> tuple:
-        # With mat = mt.T: mat @ v is v @ mt, and mat^H @ u is conj(mt) @ u.
-        def body(_, uv):
-            u, v = uv
-            u = _normalize_or_keep(matmul(v, mt), u, self.eps)
-            v = _normalize_or_keep(matmul(jnp.conj(mt), u), v, self.eps)
-            return u, v
-
-        return jax.lax.fori_loop(0, n, body, (u, v))
+        return _power_iterations(mt, u, v, n, self.eps)
 
     # ----- the protocol --------------------------------------------------------------------
     def init(self, value: jax.Array, key: jax.Array) -> tuple[None, Any]:
