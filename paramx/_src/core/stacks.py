@@ -18,6 +18,10 @@ materialization), which turns every per-tensor LAPACK call into one call over th
 CPU when the function's own LAPACK calls times the stack size reach the threshold; then in
 vmapped chunks under it, as many side by side as the process has CPUs, repeated by
 ``lax.map``. Values, gradients and vmap are unchanged.
+
+:func:`stack` and :func:`unstack` build and split the stacks of batched materialization
+(``batching.py``) with one slice kernel for the whole stack, in the forward and the backward,
+where ``jnp.stack`` and ``jnp.split`` take one distinct kernel per tensor.
 """
 
 from __future__ import annotations
