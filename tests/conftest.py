@@ -11,11 +11,11 @@ from pathlib import Path
 # about a third less time. XLA:CPU's MLIR fusion emitters and its parallel code generation
 # cost more per program than the elemental emitter and one code unit: eager operations (each
 # a tiny program: registration, doctests, notebooks) compiled in 33 ms each with them and 20 ms
-# without (360 of them: 12.6 s against 7.3 s; the suite's summed test time 1,390 s against 867
-# s). Set in the environment before jax is imported,
-# so the scripts, notebooks and README blocks the suite runs in fresh interpreters compile the
-# same way. XLA's graph (HLO) passes still run and fast-math stays off, so the tolerances hold
-# either way; the benchmark smoke test checks only the form of its results, never a timing.
+# without (360 of them: 12.6 s against 7.3 s; the suite's summed test time: 1,390 s against
+# 867 s). Set in the environment before jax is imported, so the scripts, notebooks and README
+# blocks the suite runs in fresh interpreters compile the same way. XLA's graph (HLO) passes
+# still run and fast-math stays off, so the tolerances hold either way; the benchmark smoke
+# test checks only the form of its results, never a timing.
 # XLA aborts on a flag it does not know, and the emitter flags are newer than the oldest jaxlib
 # paramx supports: the process that starts the run checks them once in a fresh interpreter
 # (about a second) and drops them if that fails; xdist workers and scripts inherit the result.
