@@ -46,8 +46,8 @@ def auto_batches() -> bool:
     there has no control flow. On XLA:CPU (measured, ``benchmarks/README.md``) batching pays
     only for many small tensors: 64 equal 64 x 64 spectral-norm or weight-norm layers step in
     0.82-0.97x / 0.88-1.01x of the per-tensor time (three runs), but batched 4-layer MLPs of
-    128 to 512 wide kernels stepped in 1.07x to 1.26x of the hand-written per-layer step (the
-    stacking copies cost more than the launches they save, which the CPU does not have); and
+    128 to 512 wide kernels stepped in 1.07x to 1.26x of the hand-written per-layer step (not
+    profiled; the likely cost is the stacking copies, with no launches to save on the CPU); and
     chains with LAPACK calls step slower batched at every size measured (1.15-1.23x for
     64 x 64 orthogonal layers, 1.34-1.36x for 16 x 256 x 256): their stacked calls are cut
     into chunks under jaxlib's thread-pool threshold (``stacks.py``), while separate tensors
