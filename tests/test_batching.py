@@ -143,7 +143,8 @@ def test_forward_mode_through_a_group_equals_the_per_tensor_one(p):
 
 
 def test_stacking_integer_leaves_under_forward_mode():
-    """Integer leaves (a counter in a parametrization's state) get float0 tangents."""
+    """Integer leaves (a counter in a parametrization's state) pass through the group's stack
+    and split under forward mode with float0 tangents (JAX does not call the rules for them)."""
     from paramx._src.core import stacks
 
     xs = [jnp.arange(3) + i for i in range(4)]

@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 LAPACK_TASK_FLOPS = 200_000
@@ -122,10 +121,6 @@ def _take_each(x: jax.Array) -> list[jax.Array]:
     return [jax.lax.dynamic_index_in_dim(x, index[i], keepdims=False) for i in range(x.shape[0])]
 
 
-def _no_tangent(t: Any) -> bool:
-    return getattr(t, "dtype", None) == jax.dtypes.float0
-
-
 @jax.custom_jvp
 def stack(xs: list[jax.Array]) -> jax.Array:
     """``jnp.stack(xs)`` whose reverse-mode derivative takes the pieces by one slice kernel.
@@ -145,8 +140,6 @@ def stack(xs: list[jax.Array]) -> jax.Array:
 def _stack_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
     (xs,), (ts,) = primals, tangents
     shape = (len(xs), *jnp.shape(ts[0]))
-    if _no_tangent(ts[0]):  # integer primals: a float0 tangent
-        return stack(xs), np.zeros(shape, jax.dtypes.float0)
     index = _opaque_indices(len(xs))
     zeros = jnp.zeros(shape, jnp.result_type(ts[0]))
     parts = [jax.lax.dynamic_update_index_in_dim(zeros, t, index[i], 0) for i, t in enumerate(ts)]
@@ -167,8 +160,6 @@ def unstack(x: jax.Array) -> list[jax.Array]:
 def _unstack_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
     (x,), (t,) = primals, tangents
     n = x.shape[0]
-    if _no_tangent(t):
-        return unstack(x), [np.zeros(x.shape[1:], jax.dtypes.float0) for _ in range(n)]
     pieces = jnp.split(t, n, axis=0) if n > 1 else [t]
     return unstack(x), [jnp.squeeze(p, 0) for p in pieces]
 
