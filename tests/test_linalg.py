@@ -298,12 +298,14 @@ def _count(jaxpr, name):
     return count
 
 
-@pytest.mark.parametrize("fn", [expm_skew, cayley])
-def test_forward_and_backward_share_one_lu(fn):
+@pytest.mark.parametrize("fn,solves", [(expm_skew, 4), (cayley, 2)])
+def test_forward_and_backward_share_one_lu(fn, solves):
+    """expm: two triangular solves in the forward, two in the backward with the same LU.
+    cayley: two in the forward; the backward multiplies by (I + C) / 2 = (I - A/2)^{-1}."""
     a = skew(12, (N, N), jnp.float64, norm1=3.0)
     jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda x: jnp.sum(fn(x) ** 2)))(a).jaxpr
     assert _count(jaxpr, "lu") == 1
-    assert _count(jaxpr, "triangular_solve") == 4  # two in the forward, two in the backward
+    assert _count(jaxpr, "triangular_solve") == solves
 
 
 # --- cayley --------------------------------------------------------------------------------------
@@ -325,6 +327,45 @@ def test_cayley_gradients_match_autodiff_through_the_solve(dtype):
     c = skew(15, (2, N, N), dtype, shift=0.4)
     ours, ref = grad("cayley", a, c), grad("plain_cayley", a, c)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.complex128])
+@pytest.mark.parametrize("k", [N, N - 1])
+def test_based_cayley_is_the_product_and_differentiates_as_it(dtype, k):
+    """``based_cayley(B, A, k) = B @ cayley(A)[..., :k]``, and its VJP (both arguments) equals
+    autodiff through the solve and the product."""
+    a = skew(16, (2, N, N), dtype, norm1=2.0)
+    base = jnp.linalg.qr(skew(17, (2, N, N), dtype, shift=0.3))[0]
+    c = skew(18, (2, N, N), dtype, shift=0.4)[..., :k]
+
+    def plain(b, a):
+        return jnp.matmul(b, plain_cayley(a)[..., :k], precision="highest")
+
+    def scalar(fn):
+        return jax.jit(jax.value_and_grad(lambda b, a: jnp.sum(jnp.real(fn(b, a) * c)), (0, 1)))
+
+    (v, ours), (v_ref, ref) = (
+        scalar(lambda b, a: linalg.based_cayley(b, a, k))(base, a),
+        scalar(plain)(base, a),
+    )
+    np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-12)
+    for x, y in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10, atol=1e-12)
+
+
+def test_based_cayley_saves_a_product_in_the_compiled_step():
+    """A square Cayley map with its base: one product in the forward, two in the backward,
+    against four for the product followed by ``cayley`` (XLA's optimized program)."""
+    a = skew(19, (N, N), jnp.float32, norm1=1.0)
+    base = jnp.linalg.qr(skew(20, (N, N), jnp.float32, shift=0.3))[0]
+    c = skew(21, (N, N), jnp.float32, shift=0.4)
+
+    def dots(fn):
+        step = jax.jit(jax.value_and_grad(lambda b, a: jnp.sum(fn(b, a) * c), argnums=1))
+        return step.lower(base, a).compile().as_text().count(" dot(")
+
+    assert dots(lambda b, a: linalg.based_cayley(b, a, N)) == 3
+    assert dots(lambda b, a: jnp.matmul(b, cayley(a), precision="highest")) == 4
 
 
 # --- the static plan (Taylor 18, masked squarings) -----------------------------------------------

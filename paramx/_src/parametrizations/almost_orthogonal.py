@@ -70,7 +70,7 @@ import jax.numpy as jnp
 
 from paramx._src.parametrizations import linalg, numerics
 from paramx._src.parametrizations.numerics import compute_dtype, matmul, missing_state
-from paramx._src.parametrizations.orthogonal import Orthogonal, _flip, _newton_schulz
+from paramx._src.parametrizations.orthogonal import Orthogonal, _flip
 
 _OWNER = "AlmostOrthogonal"
 _TRIVS = ("expm", "cayley")
@@ -263,7 +263,7 @@ class AlmostOrthogonal:
         t, flip = _tall(x.astype(compute_dtype(dtype)))
         k = t.shape[-1]
         u, v = self._rotations(t, state)
-        u, v = _newton_schulz(u[..., :k]), _newton_schulz(v)
+        u, v = numerics.polish(u[..., :k]), numerics.polish(v)
         f, _ = self._functions()
         s = jnp.diagonal(t, axis1=-2, axis2=-1)
         sigma = 1 + jnp.asarray(self.lam, t.dtype) * f(s).astype(t.dtype)
@@ -332,7 +332,7 @@ class AlmostOrthogonal:
         u, v = self._rotations(t, state)
         orig = _diag_embed(jnp.diagonal(t, axis1=-2, axis2=-1), t.shape[-2])
         orig = (_mT(orig) if flip else orig).astype(dtype)
-        return orig, {"base_u": _newton_schulz(u), "base_v": _newton_schulz(v)}
+        return orig, {"base_u": numerics.polish(u), "base_v": numerics.polish(v)}
 
     # ----- projection ------------------------------------------------------------------------
     def nearest(self, x: jax.Array) -> jax.Array:

@@ -51,7 +51,6 @@ from paramx._src.parametrizations.orthogonal import (
     Orthogonal,
     _flip,
     _is_orthogonal,
-    _newton_schulz,
 )
 
 _OWNER = "Grassmannian"
@@ -182,7 +181,7 @@ class Grassmannian:
             return x
         dtype = x.dtype
         t, flip = _tall(x.astype(compute_dtype(dtype)))
-        q = _newton_schulz(self._rotation(t, state)[..., : t.shape[-1]])
+        q = numerics.polish(self._rotation(t, state)[..., : t.shape[-1]])
         return (_mT(q) if flip else q).astype(dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
@@ -222,7 +221,7 @@ class Grassmannian:
         if x.size == 0:
             return x, state
         t, _ = _tall(x.astype(compute_dtype(x.dtype)))
-        return jnp.zeros_like(x), {"base": _newton_schulz(self._rotation(t, state))}
+        return jnp.zeros_like(x), {"base": numerics.polish(self._rotation(t, state))}
 
     # ----- projection ------------------------------------------------------------------------
     def nearest(self, x: jax.Array) -> jax.Array:

@@ -181,18 +181,6 @@ def _householder_q(a: jax.Array) -> jax.Array:
     return eye - matmul(v, w)
 
 
-def _newton_schulz(q: jax.Array) -> jax.Array:
-    """One Newton-Schulz step towards the orthogonal polar factor: Q + Q (I - Q^H Q) / 2.
-
-    The error E = I - Q^H Q of a nearly orthogonal Q becomes O(E^2): what is left is the
-    rounding of this product itself. On the manifold (E = 0) the step and, on tangent
-    directions, its derivative are the identity, so gradients are unchanged.
-    """
-    k = q.shape[-1]
-    e = jnp.broadcast_to(jnp.eye(k, dtype=q.dtype), (*q.shape[:-2], k, k)) - matmul(_mH(q), q)
-    return q + 0.5 * matmul(q, e)
-
-
 @dataclasses.dataclass(frozen=True)
 class Orthogonal:
     """The orthogonal parametrization; register it with :func:`paramx.orthogonal`.
@@ -357,11 +345,16 @@ class Orthogonal:
             a = a - _mH(a)
             if name == "matrix_exp":
                 q = linalg.expm_skew(a, plan=self.expm_plan)[..., :k]
+            elif state is not None:  # the base's product inside the map, for a shorter VJP
+                q = linalg.based_cayley(state["base"].astype(a.dtype), a, k)
+                state = None
             else:
                 q = linalg.cayley(a)[..., :k]
         if state is not None:
             q = matmul(state["base"].astype(q.dtype), q)
-        q = _newton_schulz(q)
+        # polar's value is orthonormal only to its iteration's accuracy: its last step keeps
+        # the exact derivative; the other maps are orthonormal by construction.
+        q = numerics.newton_schulz(q) if name == "polar" else numerics.polish(q)
         if flip:
             q = _mT(q)
         return q.astype(dtype)

@@ -91,11 +91,6 @@ def _nearest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, gap > tol
 
 
-def _newton_schulz(q: jax.Array) -> jax.Array:
-    """One step Q + Q (I - QᵀQ) / 2: turns an orthogonality error E into O(E²)."""
-    return q + 0.5 * matmul(q, _eye(q) - matmul(_mT(q), q))
-
-
 @dataclasses.dataclass(frozen=True)
 class SpecialOrthogonal:
     """The special orthogonal group SO(n); register it with
@@ -144,7 +139,7 @@ class SpecialOrthogonal:
         x = x.astype(compute_dtype(dtype))
         low = jnp.tril(x, -1)
         q = matmul(state["base"].astype(x.dtype), linalg.expm_skew(low - _mT(low)))
-        return _newton_schulz(q).astype(dtype)
+        return numerics.polish(q).astype(dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         """Base = ``value`` if it is in SO(n), else its nearest rotation; the original = 0."""
