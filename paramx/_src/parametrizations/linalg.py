@@ -134,8 +134,13 @@ bfloat16 phase.
 Cayley transform
 ----------------
 ``C = (I - A/2)^{-1} (I + A/2) = I + M^{-1} A`` with ``M = I - A/2``. It is exactly unitary
-for skew-Hermitian ``A`` and needs one LU factorization of ``M``, which the VJP
-``Abar = (Y + Y C^T) / 2`` with ``Y = M^{-T} Cbar`` reuses for its single transposed solve.
+for skew-Hermitian ``A`` and needs one LU factorization of ``M`` and two triangular solves.
+The VJP needs no solve: ``I + C = 2 M^{-1}``, so ``dC = M^{-1} dA M^{-1}`` gives
+``Abar = M^{-T} Cbar M^{-T}`` with ``M^{-1} = (I + C) / 2``, two products (LAPACK's solves run
+on one thread, XLA's products on every core: forward + backward at n = 512 on 2 cores took
+10.7 ms against 14.9 ms with a transposed solve and a product). ``based_cayley(B, A, k)``,
+``B C[:, :k]`` for ``Orthogonal``'s base ``B``, folds ``B`` into the left factor,
+``B M^{-1} = (B + B C) / 2``: still two products, where the base's own VJP would add a third.
 """
 
 from __future__ import annotations
