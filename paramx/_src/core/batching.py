@@ -49,10 +49,10 @@ def auto_batches() -> bool:
     128 to 512 wide kernels stepped in 1.07x to 1.26x of the hand-written per-layer step (not
     profiled; the likely cost is the stacking copies, with no launches to save on the CPU); and
     chains with LAPACK calls step slower batched at every size measured (1.15-1.23x for
-    64 x 64 orthogonal layers, 1.34-1.36x for 16 x 256 x 256): their stacked calls are cut
-    into chunks under jaxlib's thread-pool threshold (``stacks.py``), while separate tensors
-    overlap one tensor's LAPACK calls with the others' products. ``batch=True`` batches on
-    the CPU too, for the compile time of deep stacks of small layers.
+    64 x 64 orthogonal layers, 1.34-1.36x for 16 x 256 x 256; their stacked calls are cut
+    into chunks under jaxlib's thread-pool threshold, ``stacks.py``; where the rest of the
+    time goes is not profiled). ``batch=True`` batches on the CPU too, for the compile time of
+    deep stacks of small layers.
     """
     return not stacks.on_cpu()
 

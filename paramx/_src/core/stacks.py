@@ -86,8 +86,10 @@ def on_cpu() -> bool:
 def chunked_call(call: Callable[..., Any], args: tuple[Any, ...], size: int, per_call: int) -> Any:
     """``call(*args)`` for a ``call`` that maps the leading axis (of length ``size``) of every
     leaf of ``args`` to the leading axis of every leaf of its result, made as calls on at most
-    ``per_call`` items: ``lanes()`` calls side by side (XLA runs independent calls on its pool,
-    none waiting for another), repeated by ``lax.map``, then one round for the remainder."""
+    ``per_call`` items: ``lanes()`` independent calls side by side, none waiting for another,
+    repeated by ``lax.map``, then one round for the remainder. (Whether XLA runs them at the
+    same time is its choice: jax 0.10.2 on a 2-core CPU ran the independent LAPACK calls of
+    one program one after another, 16 LUs of 256 x 256 in 15.9x the time of one.)"""
     if size <= per_call:
         return call(*args)
     width = min(lanes(), -(-size // per_call))
