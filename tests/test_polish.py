@@ -8,22 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from test_linalg import _count  # occurrences of a primitive, sub-jaxprs included
 
 from paramx._src.parametrizations import numerics
 from paramx._src.parametrizations.almost_orthogonal import AlmostOrthogonal
 from paramx._src.parametrizations.grassmannian import Grassmannian
 from paramx._src.parametrizations.orthogonal import Orthogonal
 from paramx._src.parametrizations.special_orthogonal import SpecialOrthogonal
-
-
-def _count(jaxpr, name):
-    """Occurrences of primitive ``name`` in a jaxpr, sub-jaxprs included."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == name
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            n += _count(sub, name)
-    return n
 
 
 def test_polish_is_the_step_with_an_identity_derivative():
