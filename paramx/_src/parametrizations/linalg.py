@@ -63,13 +63,15 @@ rather than taking adjoints; in PyTorch's conjugate convention the same gradient
 
 * squaring ``X_{k+1} = X_k^2``: ``Gbar_k = Gbar_{k+1} X_k^T + X_k^T Gbar_{k+1}`` (two
   products per squaring; the first squares are stored, later ones recomputed);
-* Padé: with ``Q = V - U``, ``Y = Q^{-T} Rbar`` by the stored LU factors (transposed solve,
-  no new factorization), ``T = Y R^T``, ``Ubar = Y + T``, ``Vbar = Y - T``;
+* Padé: with ``Q = V - U``, ``Y = Q^{-T} Rbar`` by the stored ``Q^{-1}`` (one product: the
+  forward computes ``Q^{-1}`` from its LU and then ``R = I + 2 Q^{-1} U`` by a product, so no
+  triangular solve is left for the backward; ``Q`` is well conditioned by the choice of
+  degree and scaling), ``T = Y R^T``, ``Ubar = Y + T``, ``Vbar = Y - T``;
 * ``U = A W`` and the powers ``A^2, A^4, A^6``: two products for each forward product.
 
 All these steps are functions of left and right multiplication by ``A^T``, so they commute;
 this lets squares that were not stored be applied in forward order. The total is about three
-times the forward's products plus one LU factorization and two pairs of triangular solves,
+times the forward's products plus one LU factorization and one pair of triangular solves,
 instead of autodiff through a generic ``expm`` (which also runs its 1-norm-based extra
 squarings) or a ``2n x 2n`` block exponential. Only reverse mode is defined (``custom_vjp``).
 
@@ -279,7 +281,7 @@ def _pivots_to_permutation(piv: jax.Array) -> jax.Array:
 
 
 class _LU(NamedTuple):
-    """LU factors of ``M^T`` (``M^T[perm] = L U``), used for solves with ``M`` and ``M^T``.
+    """LU factors of ``M^T`` (``M^T[perm] = L U``), used for solves with ``M``.
 
     Factoring the transpose lets XLA hand row-major matrices to LAPACK's column-major
     kernels without transposing copies.
@@ -300,23 +302,6 @@ class _LU(NamedTuple):
             lax.linalg.triangular_solve, self.lu, x, left_side=False, lower=True, unit_diagonal=True
         )
         return _take_rows(_mT(x), _inverse_permutation(self.perm))
-
-    def solve_transposed(self, b: jax.Array) -> jax.Array:
-        """``M^{-T} b = U^{-1} L^{-1} P b``."""
-        x = _mT(_take_rows(b, self.perm))
-        x = lapack(
-            lax.linalg.triangular_solve,
-            self.lu,
-            x,
-            left_side=False,
-            lower=True,
-            unit_diagonal=True,
-            transpose_a=True,
-        )
-        x = lapack(
-            lax.linalg.triangular_solve, self.lu, x, left_side=False, lower=False, transpose_a=True
-        )
-        return _mT(x)
 
 
 # The entry points below call their kernels through ``jax.jit``, as ``jax.numpy``'s functions
@@ -352,7 +337,7 @@ class _ExpmResiduals(NamedTuple):
     w: jax.Array  # odd part U = A_s W of the Padé numerator, A_s = A / 2^s
     w1: jax.Array  # degree 13 only: W = A_s^6 W1 + ..., V = A_s^6 Z1 + ...
     z1: jax.Array
-    lu: _LU  # factors of Q = p(-A_s) = V - U
+    qinv: jax.Array  # Q^{-1}, Q = p(-A_s) = V - U
     r: jax.Array  # R = r_m(A_s)
     squares: jax.Array  # (..., k, n, n): X_1, ..., X_k (k = stored_squares), X_j = R^(2^j)
     s: jax.Array  # number of squarings, per matrix
@@ -492,10 +477,13 @@ def _expm_forward(a: jax.Array) -> tuple[jax.Array, _ExpmResiduals]:
     g = _even_scales(scale)
     w, v, w1, z1 = _pade_parts(degree, (eye, a2, a4, a6), g, cfg)
     u = _matrix_scalar(scale, a.dtype) * _mm(a, w)
-    lu = _LU.of(v - u)
-    r = eye + 2.0 * lu.solve(u)
+    # Q^{-1} itself rather than a solve with U: the backward then needs a product with
+    # Q^{-T} instead of two more triangular solves (LAPACK, one thread). Q is well conditioned
+    # by the choice of degree and scaling, so the explicit inverse costs no accuracy.
+    qinv = _LU.of(v - u).solve(jnp.broadcast_to(eye, u.shape))
+    r = eye + 2.0 * _mm(qinv, u)
     x, squares = _square(r, s, cfg.stored_squares)
-    return x, _ExpmResiduals(a, a2, a4, a6, w, w1, z1, lu, r, squares, s, scale, degree)
+    return x, _ExpmResiduals(a, a2, a4, a6, w, w1, z1, qinv, r, squares, s, scale, degree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +577,7 @@ def _expm_backward(res: _ExpmResiduals, gbar: jax.Array) -> tuple[jax.Array]:
     dtype = gbar.dtype
     rbar = _square_vjp(gbar, res.r, res.squares, res.s, cfg.stored_squares)
     # R = I + 2 Q^{-1} U, Q = V - U: Ubar = Y + Y R^T, Vbar = Y - Y R^T with Y = Q^{-T} Rbar.
-    y = res.lu.solve_transposed(rbar)
+    y = _mm(_mT(res.qinv), rbar)
     yrt = _mm(y, _mT(res.r))
     ubar = y + yrt
     vbar = y - yrt
@@ -810,7 +798,7 @@ def expm_skew(a: jax.Array, *, plan: str | None = None) -> jax.Array:
     * ``"adaptive"``: scaling and squaring with a diagonal Padé approximant whose degree and
       squaring count are chosen at run time (``lax.cond``/``while_loop``), with its own VJP:
       the Fréchet derivative ``L_exp(A^T, G)`` computed by differentiating the approximation
-      by hand, reusing the forward's powers, LU factors and squares. Fewest products.
+      by hand, reusing the forward's powers, ``Q^{-1}`` and squares. Fewest products.
     * ``"static"``: degree-18 Taylor (Bader-Blanes-Casas, 5 products) and a fixed number of
       masked squarings: no data-dependent control flow in the forward or the backward, and
       matrix products only, for accelerators. Accurate up to a spectral-radius bound of
