@@ -76,13 +76,14 @@ instead of autodiff through a generic ``expm`` (which also runs its 1-norm-based
 squarings) or a ``2n x 2n`` block exponential. Only reverse mode is defined (``custom_vjp``).
 
 *Cost.* ``benchmarks/linalg_cost.py`` times ``value_and_grad`` of ``sum(expm_skew(A) * C)``
-in float32 against one jitted ``n x n`` product. On a 2-core AMD EPYC at n = 256 it is about
-12-14 products for ``||A||_1 = 1`` (degree 3, no squaring: 7 products, the LU and four
-triangular solves) and about 29-31 for ``A = X - X^T`` with ``X ~ N(0, 1)`` (degree 7, four
-squarings: 25 products and the same LAPACK work), against about 19-22 and 38-42 for autodiff
-through ``jax.scipy.linalg.expm``. The LAPACK part (about five products' worth: it runs on
-one thread while XLA's products use two) and the three products per squaring are the floor
-of this design.
+in float32 against one jitted ``n x n`` product. On a 2-core AMD Zen 4 at n = 256 it is about
+14 products for ``||A||_1 = 1`` (degree 3, no squaring: 9 products, the LU and two triangular
+solves) and about 34 for ``A = X - X^T`` with ``X ~ N(0, 1)`` (degree 7, four squarings: 27
+products and the same LAPACK work), against about 25 and 47 for autodiff through
+``jax.scipy.linalg.expm``. The counts depend on the CPU: the LAPACK part runs on one thread
+while XLA's products use every core, so a faster product makes the same time more products
+(an older host with a 17% slower product measured 12-14 and 29-31 with two more solves).
+The LAPACK part and the three products per squaring are the floor of this design.
 
 Matrix exponential: the static plan (``plan="static"``)
 ------------------------------------------------------
