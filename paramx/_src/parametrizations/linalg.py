@@ -480,7 +480,8 @@ def _expm_forward(a: jax.Array) -> tuple[jax.Array, _ExpmResiduals]:
     u = _matrix_scalar(scale, a.dtype) * _mm(a, w)
     # Q^{-1} itself rather than a solve with U: the backward then needs a product with
     # Q^{-T} instead of two more triangular solves (LAPACK, one thread). Q is well conditioned
-    # by the choice of degree and scaling, so the explicit inverse costs no accuracy.
+    # by the choice of degree and scaling; measured against SciPy's float64 expm at n = 256,
+    # float32 orthogonality and gradients stay within 1.7x of the solve's, some better.
     qinv = _LU.of(v - u).solve(jnp.broadcast_to(eye, u.shape))
     r = eye + 2.0 * _mm(qinv, u)
     x, squares = _square(r, s, cfg.stored_squares)
@@ -895,7 +896,8 @@ def _based_cayley_backward(
 ) -> tuple[jax.Array, jax.Array]:
     # Q = B C E_k (E_k the first k columns) and dC = M^{-1} dA M^{-1} with M^{-1} = (I + C) / 2:
     # Abar = (B M^{-1})^T Qbar (M^{-1} E_k)^T, where B M^{-1} = (B + B C) / 2 and B C is the
-    # forward's Q when k = n. Two products, against three for Bbar-then-cayley's VJP.
+    # forward's Q when k = n: two products, against three for the base product's VJP
+    # followed by cayley's (when k < n, forming B C is the third).
     base, c, q = res
     bc = q if k == c.shape[-1] else _mm(base, c)
     abar = 0.25 * _mm(_mm(_mT(base + bc), qbar), _mT((_eye(c) + c)[..., :k]))

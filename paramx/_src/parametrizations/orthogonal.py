@@ -51,10 +51,10 @@ the rounding of Q^H Q itself, for every map. Measured after 1,000 Adam steps on 
 is 1.3-1.6e-7 for every map and setting, against 2.3e-7 to 2.2e-6 for torch; at (64, 32)
 paramx's is 2.6-4.3e-7, float32's rounding floor (torch's 2-4e-7, its matrix_exp 5e-6). On
 the manifold the step is the identity, and its derivative is the identity on tangent
-directions, which are all that the maps but polar produce: there the step is differentiated
-as the identity (``numerics.polish``: no products in the backward pass, gradients equal to
-autodiff's up to O(E)); polar's, orthogonal only to its iteration's accuracy, by autodiff.
-An exactly orthogonal value (E = 0) passes through unchanged.
+directions. Every map but polar produces only tangent directions, so after those the step is
+differentiated as the identity (``numerics.polish``: no products in the backward pass,
+gradients equal to autodiff's up to O(E)); after polar, orthogonal only to its iteration's
+accuracy, by autodiff. An exactly orthogonal value (E = 0) passes through unchanged.
 
 With ``use_trivialization=True`` (the default), the state holds an orthogonal ``base`` and
 the value is ``base @ map(X)``; registering (or assigning) a value Q sets ``base`` from Q
