@@ -119,3 +119,12 @@ def test_polar_keeps_the_exact_derivative_of_its_step():
     p = Orthogonal("polar", use_trivialization=False)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 3)) + 2 * np.eye(5, 3))
     check_grads(lambda x: p.forward(x, params=None, state=None), (x,), order=1, modes=("rev",))
+
+
+def test_a_trivialized_cayley_step_compiles_to_five_products():
+    """Forward: ``base @ C`` and the step's two; backward: the two of ``based_cayley``'s VJP
+    (the step's derivative is the identity, the base folded into the map's). Was nine."""
+    p = Orthogonal("cayley")
+    state, x, c = _setup(p, (6, 6), jnp.float32)
+    step = jax.jit(jax.value_and_grad(lambda x, s: jnp.sum(p.forward(x, params=None, state=s) * c)))
+    assert step.lower(x, state).compile().as_text().count(" dot(") == 5

@@ -350,10 +350,9 @@ class Orthogonal:
                 q = linalg.expm_skew(a, plan=self.expm_plan)[..., :k]
             elif state is not None:  # the base's product inside the map, for a shorter VJP
                 q = linalg.based_cayley(state["base"].astype(a.dtype), a, k)
-                state = None
             else:
                 q = linalg.cayley(a)[..., :k]
-        if state is not None:
+        if state is not None and name != "cayley":
             q = matmul(state["base"].astype(q.dtype), q)
         # polar's value is orthonormal only to its iteration's accuracy: its last step keeps
         # the exact derivative; the other maps are orthonormal by construction.
