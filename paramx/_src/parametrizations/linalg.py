@@ -305,6 +305,22 @@ class _LU(NamedTuple):
         return _take_rows(_mT(x), _inverse_permutation(self.perm))
 
 
+def _lu_solve(m: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """``M^{-1} b`` (``M^{-1}`` when ``b`` is None): one LU and two triangular solves.
+
+    For a stack the whole chain is one :func:`lapack` call, so on the CPU each chunk runs its
+    matrices' factorization and solves back to back and chunks side by side overlap (16
+    inverses of 256 x 256, 2 cores: 9.6 ms, against 19.7 ms with the factorizations, then
+    the solves, each chunked on its own; ``tests/test_linalg.py`` holds the structure).
+    """
+
+    def chain(m: jax.Array, *b: jax.Array) -> jax.Array:
+        rhs = b[0] if b else jnp.broadcast_to(_eye(m), m.shape)
+        return _LU.of(m).solve(rhs)
+
+    return cast(jax.Array, lapack(chain, m, *(() if b is None else (b,))))
+
+
 # The entry points below call their kernels through ``jax.jit``, as ``jax.numpy``'s functions
 # do: inside a traced program the call is inlined, and an eager call (registration, a
 # notebook cell) runs one compiled program instead of dispatching each of the kernel's
@@ -482,7 +498,7 @@ def _expm_forward(a: jax.Array) -> tuple[jax.Array, _ExpmResiduals]:
     # Q^{-T} instead of two more triangular solves (LAPACK, one thread). Q is well conditioned
     # by the choice of degree and scaling; measured against SciPy's float64 expm at n = 256,
     # float32 orthogonality and gradients stay within 1.7x of the solve's, some better.
-    qinv = _LU.of(v - u).solve(jnp.broadcast_to(eye, u.shape))
+    qinv = _lu_solve(v - u)
     r = eye + 2.0 * _mm(qinv, u)
     x, squares = _square(r, s, cfg.stored_squares)
     return x, _ExpmResiduals(a, a2, a4, a6, w, w1, z1, qinv, r, squares, s, scale, degree)
@@ -838,7 +854,7 @@ def expm_skew(a: jax.Array, *, plan: str | None = None) -> jax.Array:
 
 def _cayley_forward(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     eye = _eye(a)
-    c = eye + _LU.of(eye - 0.5 * a).solve(a)
+    c = eye + _lu_solve(eye - 0.5 * a, a)
     return c, c
 
 
