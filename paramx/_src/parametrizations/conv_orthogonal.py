@@ -117,26 +117,58 @@ def _adjoint(k: jax.Array) -> jax.Array:
     return jnp.swapaxes(jnp.flip(k, axis=_spatial_axes(k)), -1, -2)
 
 
-def _compose(a: jax.Array, b: jax.Array) -> jax.Array:
-    """The kernel of "conv with ``a``, then conv with ``b``" (stride 1, unbounded input):
-    ``C_v = sum_{u + o = v} a_u @ b_o``, of spatial size ``sa + sb - 1``, centred when both are.
-
-    A kernel-kernel convolution, computed as one ``lax.conv_general_dilated`` at full precision
-    whose batch is ``a``'s input channels.
-    """
-    nd = a.ndim - 2
-    lhs = jnp.moveaxis(a, -2, 0)  # (i, *sa, m): batch = a's input channel, features = m
-    rhs = jnp.flip(b, axis=tuple(range(nd)))  # (*sb, m, j): HWIO, flipped (a convolution)
+def _correlate(lhs: jax.Array, rhs: jax.Array, pads: list[tuple[int, int]]) -> jax.Array:
+    """``out[n, y, f] = sum_{x, c} lhs[n, y + x, c] rhs[x, c, f]`` at full precision: ``lhs``
+    is ``(n, *spatial, c)``, ``rhs`` ``(*spatial, c, f)``, ``out`` ``(n, *spatial, f)``."""
+    nd = rhs.ndim - 2
     dn = lax.ConvDimensionNumbers(
         lhs_spec=(0, nd + 1, *range(1, nd + 1)),
         rhs_spec=(nd + 1, nd, *range(nd)),
         out_spec=(0, nd + 1, *range(1, nd + 1)),
     )
-    pads = [(s - 1, s - 1) for s in b.shape[:nd]]
-    out = lax.conv_general_dilated(
+    return lax.conv_general_dilated(
         lhs, rhs, (1,) * nd, pads, dimension_numbers=dn, precision=_HIGHEST
     )
-    return jnp.moveaxis(out, 0, -2)
+
+
+@jax.custom_vjp
+def _compose(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The kernel of "conv with ``a``, then conv with ``b``" (stride 1, unbounded input):
+    ``C_v = sum_{u + o = v} a_u @ b_o``, of spatial size ``sa + sb - 1``, centred when both are.
+
+    A kernel-kernel convolution, computed as one ``lax.conv_general_dilated`` at full precision
+    whose batch is ``a``'s input channels. Its VJP is two more such correlations,
+    ``abar_u = sum_o Cbar_{u+o} b_o^T`` and ``bbar_o = sum_u a_u^T Cbar_{u+o}``, where autodiff
+    would take the convolution's filter gradient: XLA:CPU ran that one 20x slower than the
+    forward (SOC's certified bound for a 3 x 3, 64-channel kernel: forward 7.5 ms, forward +
+    backward 157 ms with autodiff).
+    """
+    nd = a.ndim - 2
+    lhs = jnp.moveaxis(a, -2, 0)  # (i, *sa, m): batch = a's input channel, features = m
+    rhs = jnp.flip(b, axis=tuple(range(nd)))  # (*sb, m, j): a convolution, not a correlation
+    pads = [(s - 1, s - 1) for s in b.shape[:nd]]
+    return jnp.moveaxis(_correlate(lhs, rhs, pads), 0, -2)
+
+
+def _compose_forward(a: jax.Array, b: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return _compose(a, b), (a, b)
+
+
+def _compose_backward(res: tuple[jax.Array, ...], cbar: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = res
+    nd = a.ndim - 2
+    valid = [(0, 0)] * nd
+    # abar[i, u, m] = sum_{o, j} Cbar[i, u + o, j] b_o[m, j]
+    abar = _correlate(jnp.moveaxis(cbar, -2, 0), jnp.swapaxes(b, -1, -2), valid)
+    # bbar[j, o, m] = sum_{u, i} Cbar[j, o + u, i] a_u[i, m]
+    bbar = _correlate(jnp.moveaxis(jnp.swapaxes(cbar, -1, -2), -2, 0), a, valid)
+    return (
+        jnp.moveaxis(abar, 0, -2).astype(a.dtype),
+        jnp.swapaxes(jnp.moveaxis(bbar, 0, -2), -1, -2).astype(b.dtype),
+    )
+
+
+_compose.defvjp(_compose_forward, _compose_backward)
 
 
 def _embed(x: jax.Array) -> jax.Array:
