@@ -158,25 +158,30 @@ def _compose_by_autodiff(a, b):
     "sa, sb",
     [((3, 3), (3, 3)), ((5, 3), (3, 1)), ((7,), (3,)), ((1, 1), (5, 5)), ((3, 1, 3), (1, 3, 3))],
 )
-def test_compose_vjp_equals_autodiff(sa, sb):
-    """The hand VJP (two correlations) against autodiff of the same convolution, for spatial
-    ranks 1-3, unequal sizes and channels (i, m, j) = (3, 4, 5)."""
+def test_compose_derivatives_equal_autodiff(sa, sb):
+    """The custom JVP (each tangent in the convolution's input slot), in forward and reverse
+    mode, against autodiff of the same convolution, for spatial ranks 1-3, unequal sizes and
+    channels (i, m, j) = (3, 4, 5)."""
     a = _kernel(10, (*sa, 3, 4), 1.0, jnp.float64)
     b = _kernel(11, (*sb, 4, 5), 1.0, jnp.float64)
-    out, vjp = jax.vjp(_compose, a, b)
-    ref, ref_vjp = jax.vjp(_compose_by_autodiff, a, b)
+    da, db = _kernel(14, a.shape, 1.0, jnp.float64), _kernel(15, b.shape, 1.0, jnp.float64)
+    out, tangent = jax.jvp(_compose, (a, b), (da, db))
+    ref, ref_tangent = jax.jvp(_compose_by_autodiff, (a, b), (da, db))
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(tangent, ref_tangent, rtol=1e-12, atol=1e-12)
     cbar = _kernel(12, out.shape, 1.0, jnp.float64)
-    for got, want in zip(vjp(cbar), ref_vjp(cbar)):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    check_grads(_compose, (a, b), order=1, modes=("rev",))
+    got, want = jax.vjp(_compose, a, b)[1](cbar), jax.vjp(_compose_by_autodiff, a, b)[1](cbar)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+    check_grads(_compose, (a, b), order=2, modes=("fwd", "rev"))
 
 
 def test_compose_backward_has_no_filter_gradient_convolution():
-    """Autodiff takes the convolution's filter gradient (a conv that reads the input's
-    feature axis as its batch: XLA:CPU ran SOC's bound 20x slower than its forward); the hand
-    VJP is two correlations laid out as the forward (batch first, features last)."""
+    """Autodiff of ``b`` takes the convolution's filter gradient (a conv that reads the
+    input's feature axis as its batch: XLA:CPU ran SOC's bound 20x slower than its forward);
+    with the custom JVP every convolution of the gradient keeps the forward's batch and
+    feature axes."""
     a = _kernel(13, (3, 3, 4, 4), 1.0, jnp.float32)
     jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(_compose(_compose(a, a), a) ** 2)))(a)
 
@@ -188,9 +193,9 @@ def test_compose_backward_has_no_filter_gradient_convolution():
                 yield from convs(sub)
 
     found = list(convs(jaxpr.jaxpr))
-    assert len(found) == 2 + 2 * 2  # two forwards, two correlations per backward
+    assert len(found) == 2 + 2 * 2  # two forwards, two transposed tangent terms each
     for dn in found:
-        assert dn.lhs_spec == dn.out_spec == (0, 3, 1, 2) and dn.rhs_spec == (3, 2, 0, 1)
+        assert dn.lhs_spec == dn.out_spec == (0, 3, 1, 2)
 
 
 # ----- SOC -------------------------------------------------------------------------------------
