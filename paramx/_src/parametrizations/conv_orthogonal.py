@@ -132,15 +132,12 @@ def _correlate(lhs: jax.Array, rhs: jax.Array, pads: list[tuple[int, int]]) -> j
 
 
 def _compose_plain(a: jax.Array, b: jax.Array) -> jax.Array:
+    """:func:`_compose` without its derivative rule."""
     nd = a.ndim - 2
     lhs = jnp.moveaxis(a, -2, 0)  # (i, *sa, m): batch = a's input channel, features = m
     rhs = jnp.flip(b, axis=tuple(range(nd)))  # (*sb, m, j): a convolution, not a correlation
     pads = [(s - 1, s - 1) for s in b.shape[:nd]]
     return jnp.moveaxis(_correlate(lhs, rhs, pads), 0, -2)
-
-
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
 
 
 @jax.custom_jvp
@@ -163,7 +160,8 @@ def _compose(a: jax.Array, b: jax.Array) -> jax.Array:
 def _compose_jvp(primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]) -> tuple:
     a, b = primals
     da, db = tangents
-    return _compose_plain(a, b), _compose_plain(da, b) + _mT(_compose_plain(_mT(db), _mT(a)))
+    mt = jnp.matrix_transpose
+    return _compose_plain(a, b), _compose_plain(da, b) + mt(_compose_plain(mt(db), mt(a)))
 
 
 def _embed(x: jax.Array) -> jax.Array:
