@@ -817,13 +817,19 @@ def memory_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
 # ----- device-friendly plans (issue 15) ---------------------------------------------------------
 
 
+_CALLBACKS = ("pure_callback", "io_callback", "debug_callback", "debug_print")
+
+
 def control_flow_count(jaxpr: Any) -> int:
-    """``while`` and data-dependent ``cond`` equations of a jaxpr, sub-jaxprs included (a
-    ``cond`` with ``branches_platforms`` is resolved per platform at compile time)."""
+    """``while``, data-dependent ``cond`` and host-callback equations of a jaxpr, sub-jaxprs
+    included: each is a device-to-host round trip on an accelerator (a ``cond`` with
+    ``branches_platforms`` is resolved per platform at compile time)."""
     count = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name == "while" or (name == "cond" and not eqn.params.get("branches_platforms")):
+        if name in ("while", *_CALLBACKS) or (
+            name == "cond" and not eqn.params.get("branches_platforms")
+        ):
             count += 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             count += control_flow_count(sub)
@@ -841,10 +847,11 @@ def dot_count(jaxpr: Any) -> int:
 
 
 def device_plan_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict]:
-    """``controlflow/<map>``: ``while``/``cond`` equations in the forward+backward of each
-    built-in orthogonal map under the device plan (``expm_plan="static"``): ``ratio`` is 1 +
-    that count (the schema wants positive figures), goal 1, i.e. no control flow; the count
-    and the adaptive plan's are in ``count_device_plan``/``count_adaptive_plan``.
+    """``controlflow/<map>``: ``while``/``cond``/callback equations in the forward+backward of
+    each built-in orthogonal map under the device plan (``expm_plan="static"``): ``ratio`` is
+    1 + that count (the schema wants positive figures), goal 1, i.e. no control flow; the
+    count and the adaptive plan's are in ``count_device_plan``/``count_adaptive_plan``
+    (``tests/test_device_plan.py`` checks every exported parametrization the same way).
     ``polar/n<n>/matmuls``: the
     polar map's forward products (goal 15) and ``polar/n<n>/fwd_bwd``: its forward+backward
     time against its forward (goal 3). ``expm/<kind>/n<n>/static``: forward+backward of
@@ -864,7 +871,8 @@ def device_plan_rows(cfg: SimpleNamespace, sz: SimpleNamespace) -> Iterator[dict
             counts.append(control_flow_count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
         yield row(
             case, 1.0 + counts[0], "1 (ratio = 1 + count under the device plan)", 1.0,
-            goal=1.0, side="jax", unit="count + 1 (while/cond equations, forward+backward)",
+            goal=1.0, side="jax",
+            unit="count + 1 (while/cond/callback equations, forward+backward)",
             count_device_plan=counts[0], count_adaptive_plan=counts[1],
         )  # fmt: skip
     n = 16 if cfg.smoke else 256

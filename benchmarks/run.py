@@ -127,12 +127,15 @@ def case_modules(args: argparse.Namespace) -> list[Any]:
 
 
 def fmt_value(r: dict[str, Any], key: str) -> str:
-    """Seconds as ms/us, bytes as MiB."""
+    """Seconds as ms/us, bytes as MiB, counts as plain numbers."""
     v = r[key]
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if str(r.get("unit", "")).startswith("bytes"):
+    unit = str(r.get("unit", ""))
+    if unit.startswith("bytes"):
         return f"{v / 2**20:.1f} MiB"
+    if unit.startswith("count"):
+        return f"{v:g}"
     if v >= 1.0:
         return f"{v:.2f} s"
     if v >= 1e-3:

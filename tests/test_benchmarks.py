@@ -73,3 +73,20 @@ def test_cpu_class_names_the_microarchitecture(monkeypatch):
     info = _machine.cpu_info()
     assert set(info) == CPU_FIELDS | {"cpu_flags"}
     assert isinstance(info["cpu"], str) and info["cpu"]
+
+
+def test_table_cells_say_seconds_bytes_and_counts_in_their_units(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    sys.modules.pop("run", None)
+    import run
+
+    cell = lambda v, unit="seconds": run.fmt_value({"x": v, "unit": unit}, "x")
+    assert (cell(2.5), cell(0.0125), cell(2.5e-5)) == ("2.50 s", "12.50 ms", "25.0 us")
+    assert cell(3 * 2**20, "bytes (peak)") == "3.0 MiB"
+    # A count (control-flow equations, products) is not a time.
+    assert cell(15.0, "count (dot_general, forward)") == "15"
+    assert cell(1.0, "count + 1 (while/cond equations, forward+backward)") == "1"
+    assert cell(float("nan")) == "-"

@@ -1,15 +1,17 @@
 """The device-friendly plans: no data-dependent control flow, products only, the polar map.
 
 On a GPU or TPU every ``lax.cond`` predicate and ``while_loop`` condition computed on the
-device is a device-to-host round trip. These tests look at the jaxpr (so they run on CPU):
-the forward+backward of every built-in orthogonal map under the device plan
-(``expm_plan="static"``) contains no ``while`` and no data-dependent ``cond``.
+device is a device-to-host round trip, and so is a host callback. These tests look at the
+jaxpr (so they run on CPU): the forward+backward of every built-in orthogonal map under the
+device plan (``expm_plan="static"``), and of every exported parametrization with the plan a
+GPU or TPU picks by default, contains no ``while``, no data-dependent ``cond`` and no callback.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import exported_parametrizations, suitable_shape
 
 import paramx as px
 from paramx._src.parametrizations import linalg
@@ -17,16 +19,24 @@ from paramx._src.parametrizations import linalg
 MAPS = ["matrix_exp", "cayley", "householder", "polar"]
 
 
+_CALLBACKS = ("pure_callback", "io_callback", "debug_callback", "debug_print")
+
+
 def control_flow(jaxpr) -> int:
-    """``while`` and data-dependent ``cond`` equations in a jaxpr, sub-jaxprs included.
+    """``while``, data-dependent ``cond`` and host-callback equations in a jaxpr, sub-jaxprs
+    included: each one a device-to-host round trip on an accelerator.
 
     A ``cond`` with ``branches_platforms`` is ``lax.platform_dependent`` (``jnp.diagonal``
-    uses one): its branch is chosen when compiling for a platform, not at run time.
+    uses one): its branch is chosen when compiling for a platform, not at run time. A ``scan``
+    (a loop of static length, ``fori_loop`` with Python bounds) is not counted: its trip
+    count is known when compiling.
     """
     count = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name == "while" or (name == "cond" and not eqn.params.get("branches_platforms")):
+        if name in ("while", *_CALLBACKS) or (
+            name == "cond" and not eqn.params.get("branches_platforms")
+        ):
             count += 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             count += control_flow(sub)
@@ -61,6 +71,61 @@ def test_no_data_dependent_control_flow_under_the_device_plan(omap, triv, shape)
 
 def test_the_counter_sees_the_adaptive_plans_control_flow():
     assert control_flow(_grad_jaxpr(px.Orthogonal("matrix_exp", expm_plan="adaptive"), (5, 5))) > 0
+
+
+def test_the_counter_sees_callbacks_and_loops_of_unknown_length():
+    def f(x):
+        y = jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        jax.debug.print("{}", y)
+        return jax.lax.while_loop(lambda c: c[0] < c[1], lambda c: (c[0] + 1, c[1]), (0, 3))[0]
+
+    assert control_flow(jax.make_jaxpr(f)(jnp.ones(2)).jaxpr) == 3
+    scan = lambda x: jax.lax.fori_loop(0, 3, lambda i, x: x * 2, x)
+    assert control_flow(jax.make_jaxpr(scan)(jnp.ones(2)).jaxpr) == 0
+
+
+# Exported classes that need options, and options that change the program: one case each.
+_OPTIONED = [
+    px.constraints.LowRank(2),
+    px.constraints.FixedRank(2),
+    px.constraints.PositiveSemidefiniteFixedRank(2),
+    px.constraints.AlmostOrthogonal(0.1),
+    px.SpectralNorm(n_power_iterations=3),
+    *(px.Orthogonal(m, t) for m in ("matrix_exp", "cayley", "householder") for t in (False, True)),
+]
+_CONV = [  # (parametrization, kernel shape)
+    (px.lipschitz.ConvSpectralNorm(geometry=px.lipschitz.ConvGeometry(input_size=(6, 6))),
+     (3, 3, 4, 4)),
+    (px.lipschitz.SkewOrthogonalConv(), (11, 11, 4, 4)),
+    (px.lipschitz.BlockOrthogonalConv(), (3, 3, 4, 4)),
+    (px.lipschitz.CayleyConv(geometry=px.lipschitz.ConvGeometry((6, 6), padding="CIRCULAR")),
+     (6, 6, 4, 4)),
+]  # fmt: skip
+_EVERY = [(cls(), None) for cls in exported_parametrizations()] + [(p, None) for p in _OPTIONED]
+_EVERY += _CONV
+
+
+@pytest.mark.parametrize(
+    "p, shape", _EVERY, ids=[f"{type(p).__name__}-{i}" for i, (p, _) in enumerate(_EVERY)]
+)
+def test_no_exported_parametrization_makes_host_round_trips_on_an_accelerator(
+    p, shape, monkeypatch
+):
+    # What a GPU or TPU runs: plan=None resolves to the device plan there. Found by looking
+    # (conftest.exported_parametrizations), so a new built-in is checked without editing this.
+    monkeypatch.setattr(linalg, "default_plan", lambda: "static")
+    shape = shape or suitable_shape(p)
+    key = jax.random.key(0)
+    sample = getattr(p, "sample", None)
+    w = sample(key, shape, jnp.float32) if callable(sample) else jax.random.normal(key, shape)
+    tree = px.register_parametrization({"w": w}, "w", p, key=jax.random.key(1))
+    params, state = px.split_state(tree)
+
+    def loss(params):  # a training step's materialization: value, state update, gradient
+        value, new_state = px.materialize(params, state, update_state=True)
+        return jnp.sum(jnp.real(value["w"]) ** 2), new_state
+
+    assert control_flow(jax.make_jaxpr(jax.grad(loss, has_aux=True))(params).jaxpr) == 0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.complex64])
