@@ -76,10 +76,6 @@ _OWNER = "AlmostOrthogonal"
 _TRIVS = ("expm", "cayley")
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _scaled_sigmoid(x: jax.Array) -> jax.Array:
     """``2·sigmoid(x) - 1``, computed as the equal ``tanh(x / 2)`` (exact near 0)."""
     return jnp.tanh(x / 2)
@@ -107,7 +103,7 @@ def _check(x: Any) -> None:
 
 def _tall(x: jax.Array) -> tuple[jax.Array, bool]:
     flip = _flip(x)
-    return (_mT(x) if flip else x), flip
+    return (jnp.matrix_transpose(x) if flip else x), flip
 
 
 def _diag_embed(d: jax.Array, n: int) -> jax.Array:
@@ -218,7 +214,7 @@ class AlmostOrthogonal:
         if n != k:
             low = jnp.concatenate([low, jnp.zeros((*t.shape[:-1], n - k), t.dtype)], axis=-1)
         up = jnp.triu(t[..., :k, :], 1)
-        a, b = low - _mT(low), up - _mT(up)
+        a, b = low - jnp.matrix_transpose(low), up - jnp.matrix_transpose(up)
         if n == k:  # one call on a stack of two: the same work, half the program to compile
             a, b = self._map(jnp.stack([a, b]))
         else:
@@ -267,8 +263,8 @@ class AlmostOrthogonal:
         f, _ = self._functions()
         s = jnp.diagonal(t, axis1=-2, axis2=-1)
         sigma = 1 + jnp.asarray(self.lam, t.dtype) * f(s).astype(t.dtype)
-        w = matmul(u * sigma[..., None, :], _mT(v))
-        return (_mT(w) if flip else w).astype(dtype)
+        w = matmul(u * sigma[..., None, :], jnp.matrix_transpose(v))
+        return (jnp.matrix_transpose(w) if flip else w).astype(dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         """Bases from the SVD of ``value``, ``s = f⁻¹((Σ - 1) / lam)`` on the diagonal; off the
@@ -297,8 +293,8 @@ class AlmostOrthogonal:
             z = jnp.clip((sv - 1) / jnp.asarray(self.lam, t.dtype), -edge, edge)
             s = inverse(z).astype(t.dtype)
         orig = _diag_embed(s, n)
-        orig = (_mT(orig) if flip else orig).astype(dtype)
-        return orig, {"base_u": u, "base_v": _mT(vt[..., :k, :])}
+        orig = (jnp.matrix_transpose(orig) if flip else orig).astype(dtype)
+        return orig, {"base_u": u, "base_v": jnp.matrix_transpose(vt[..., :k, :])}
 
     def check_value(self, value: jax.Array) -> None:
         """Raises a ValueError if a concrete ``value`` (any matrix of a stack) is rank deficient
@@ -331,7 +327,7 @@ class AlmostOrthogonal:
         t, flip = _tall(x.astype(compute_dtype(dtype)))
         u, v = self._rotations(t, state)
         orig = _diag_embed(jnp.diagonal(t, axis1=-2, axis2=-1), t.shape[-2])
-        orig = (_mT(orig) if flip else orig).astype(dtype)
+        orig = (jnp.matrix_transpose(orig) if flip else orig).astype(dtype)
         return orig, {"base_u": numerics.polish(u), "base_v": numerics.polish(v)}
 
     # ----- projection ------------------------------------------------------------------------
@@ -396,11 +392,13 @@ class AlmostOrthogonal:
         ku, kv, ks = jax.random.split(key, 3)
         u = Orthogonal().sample(ku, (*batch, n, k), cdt)
         if n == k:
-            u = _mT(u)  # Orthogonal reads a square shape transposed; either way it is Haar
+            # Orthogonal reads a square shape transposed; either way it is Haar.
+            u = jnp.matrix_transpose(u)
         v = Orthogonal().sample(kv, (*batch, k, k), cdt)
         sigma = jax.random.uniform(ks, (*batch, k), cdt, 1 - self.lam, 1 + self.lam)
-        x = matmul(u * sigma[..., None, :], _mT(v))
-        return (_mT(x) if _flip(jax.ShapeDtypeStruct(shape, dtype)) else x).astype(dtype)
+        x = matmul(u * sigma[..., None, :], jnp.matrix_transpose(v))
+        flip = _flip(jax.ShapeDtypeStruct(shape, dtype))
+        return (jnp.matrix_transpose(x) if flip else x).astype(dtype)
 
     def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
         """Whether each matrix's singular values lie in ``[1 - lam - atol, 1 + lam + atol]``

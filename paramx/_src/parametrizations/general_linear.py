@@ -70,10 +70,6 @@ from paramx._src.parametrizations import linalg, numerics
 from paramx._src.parametrizations.numerics import compute_dtype, matmul, missing_state
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _eye(x: jax.Array) -> jax.Array:
     n = x.shape[-1]
     return jnp.broadcast_to(jnp.eye(n, dtype=x.dtype), x.shape)
@@ -104,14 +100,14 @@ def _factors(x: jax.Array, traceless: bool) -> jax.Array:
     part ``S`` (upper triangle with the diagonal) of ``x``; ``S`` made traceless if asked."""
     low = jnp.tril(x, -1)
     up = jnp.triu(x, 1)
-    s = up + _mT(up) + jnp.tril(jnp.triu(x))  # the last term: diag(x) as a matrix
+    s = up + jnp.matrix_transpose(up) + jnp.tril(jnp.triu(x))  # the last term: diag(x) as a matrix
     if traceless:
         n = x.shape[-1]
         tr = jnp.trace(s, axis1=-2, axis2=-1) / jnp.asarray(n, x.dtype)
         s = s - tr[..., None, None] * _eye(x)
     # One call for both factors (a batch of two): one scaling-and-squaring loop to trace and
     # compile, with the number of squarings chosen per matrix.
-    e = linalg.expm_skew(jnp.stack([low - _mT(low), s]))
+    e = linalg.expm_skew(jnp.stack([low - jnp.matrix_transpose(low), s]))
     return matmul(e[0], e[1])
 
 

@@ -57,10 +57,6 @@ _OWNER = "Grassmannian"
 _TRIVS = ("expm", "cayley")
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _check(x: Any) -> None:
     numerics.check_dtype(x, _OWNER, complex_ok=False)
     if len(x.shape) < 2:
@@ -72,7 +68,7 @@ def _check(x: Any) -> None:
 
 def _tall(x: jax.Array) -> tuple[jax.Array, bool]:
     flip = _flip(x)
-    return (_mT(x) if flip else x), flip
+    return (jnp.matrix_transpose(x) if flip else x), flip
 
 
 def _horizontal(t: jax.Array) -> jax.Array:
@@ -80,7 +76,7 @@ def _horizontal(t: jax.Array) -> jax.Array:
     n, k = t.shape[-2:]
     b = t[..., k:, :]
     batch = t.shape[:-2]
-    top = jnp.concatenate([jnp.zeros((*batch, k, k), t.dtype), -_mT(b)], axis=-1)
+    top = jnp.concatenate([jnp.zeros((*batch, k, k), t.dtype), -jnp.matrix_transpose(b)], axis=-1)
     bottom = jnp.concatenate([b, jnp.zeros((*batch, n - k, n - k), t.dtype)], axis=-1)
     return jnp.concatenate([top, bottom], axis=-2)
 
@@ -182,7 +178,7 @@ class Grassmannian:
         dtype = x.dtype
         t, flip = _tall(x.astype(compute_dtype(dtype)))
         q = numerics.polish(self._rotation(t, state)[..., : t.shape[-1]])
-        return (_mT(q) if flip else q).astype(dtype)
+        return (jnp.matrix_transpose(q) if flip else q).astype(dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         """Base from ``value`` (kept if its columns are orthonormal, else its polar factor), the
@@ -243,7 +239,7 @@ class Grassmannian:
         t, flip = _tall(x.astype(compute_dtype(x.dtype)))
         u, _, vt = numerics.lapack(jnp.linalg.svd, t, full_matrices=False)
         q = matmul(u, vt)
-        return (_mT(q) if flip else q).astype(x.dtype)
+        return (jnp.matrix_transpose(q) if flip else q).astype(x.dtype)
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(

@@ -203,11 +203,6 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=_HIGHEST)
 
 
-def _mT(a: jax.Array) -> jax.Array:
-    """Transpose of the last two axes (no conjugation: JAX's VJPs transpose)."""
-    return jnp.swapaxes(a, -1, -2)
-
-
 def _norm1(x: jax.Array) -> jax.Array:
     """Largest absolute row sum; the 1-norm of the (skew-)Hermitian matrices used here."""
     return jnp.max(jnp.sum(jnp.abs(x), axis=-1), axis=-1)
@@ -293,16 +288,22 @@ class _LU(NamedTuple):
 
     @classmethod
     def of(cls, m: jax.Array) -> _LU:
-        lu, pivots, _ = lapack(lax.linalg.lu, _mT(m))
+        lu, pivots, _ = lapack(lax.linalg.lu, jnp.matrix_transpose(m))
         return cls(lu, _pivots_to_permutation(pivots))
 
     def solve(self, b: jax.Array) -> jax.Array:
         """``M^{-1} b``: with ``M = U^T L^T P``, ``(M^{-1} b)^T = b^T U^{-1} L^{-1} P``."""
-        x = lapack(lax.linalg.triangular_solve, self.lu, _mT(b), left_side=False, lower=False)
+        x = lapack(
+            lax.linalg.triangular_solve,
+            self.lu,
+            jnp.matrix_transpose(b),
+            left_side=False,
+            lower=False,
+        )
         x = lapack(
             lax.linalg.triangular_solve, self.lu, x, left_side=False, lower=True, unit_diagonal=True
         )
-        return _take_rows(_mT(x), _inverse_permutation(self.perm))
+        return _take_rows(jnp.matrix_transpose(x), _inverse_permutation(self.perm))
 
 
 def _lu_solve(m: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -515,7 +516,7 @@ def _square_vjp(
     s_max = jnp.max(s)
 
     def step(k: jax.Array | int, g: jax.Array, x: jax.Array) -> jax.Array:
-        xt = _mT(x)
+        xt = jnp.matrix_transpose(x)
         return _mask(k, s, _mm(g, xt) + _mm(xt, g), g)
 
     # Squares beyond the stored ones, in forward order (the step operators commute).
@@ -543,11 +544,15 @@ def _powers_vjp(res: _ExpmResiduals, bars: list[jax.Array]) -> jax.Array:
     """Pull cotangents of ``A^2`` and, if given, ``A^4 = A^2 A^2``, ``A^6 = A^4 A^2`` to ``A^2``."""
     if len(bars) == 3:
         a2bar, a4bar, a6bar = bars
-        a4bar = a4bar + _mm(a6bar, _mT(res.a2))
-        bars = [a2bar + _mm(_mT(res.a4), a6bar), a4bar]
+        a4bar = a4bar + _mm(a6bar, jnp.matrix_transpose(res.a2))
+        bars = [a2bar + _mm(jnp.matrix_transpose(res.a4), a6bar), a4bar]
     if len(bars) == 2:
         a2bar, a4bar = bars
-        bars = [a2bar + _mm(a4bar, _mT(res.a2)) + _mm(_mT(res.a2), a4bar)]
+        bars = [
+            a2bar
+            + _mm(a4bar, jnp.matrix_transpose(res.a2))
+            + _mm(jnp.matrix_transpose(res.a2), a4bar)
+        ]
     return bars[0]
 
 
@@ -570,12 +575,12 @@ def _pade_vjp(res: _ExpmResiduals, wbar: jax.Array, vbar: jax.Array, cfg: _Confi
     def thirteen() -> jax.Array:
         c = _pade_coefficients(13)
         s2, s4, s6 = (_matrix_scalar(gk, dtype) for gk in g[1:])
-        a6t = _mT(res.a6)
+        a6t = jnp.matrix_transpose(res.a6)
         w1bar = s6 * _mm(a6t, wbar)
         z1bar = s6 * _mm(a6t, vbar)
         a6bar = s6 * (
-            _mm(wbar, _mT(res.w1))
-            + _mm(vbar, _mT(res.z1))
+            _mm(wbar, jnp.matrix_transpose(res.w1))
+            + _mm(vbar, jnp.matrix_transpose(res.z1))
             + c[13] * w1bar
             + c[12] * z1bar
             + c[7] * wbar
@@ -595,17 +600,17 @@ def _expm_backward(res: _ExpmResiduals, gbar: jax.Array) -> tuple[jax.Array]:
     dtype = gbar.dtype
     rbar = _square_vjp(gbar, res.r, res.squares, res.s, cfg.stored_squares)
     # R = I + 2 Q^{-1} U, Q = V - U: Ubar = Y + Y R^T, Vbar = Y - Y R^T with Y = Q^{-T} Rbar.
-    y = _mm(_mT(res.qinv), rbar)
-    yrt = _mm(y, _mT(res.r))
+    y = _mm(jnp.matrix_transpose(res.qinv), rbar)
+    yrt = _mm(y, jnp.matrix_transpose(res.r))
     ubar = y + yrt
     vbar = y - yrt
     # U = 2^-s A W.
     scale = _matrix_scalar(res.scale, dtype)
-    abar = scale * _mm(ubar, _mT(res.w))
-    wbar = scale * _mm(_mT(res.a), ubar)
+    abar = scale * _mm(ubar, jnp.matrix_transpose(res.w))
+    wbar = scale * _mm(jnp.matrix_transpose(res.a), ubar)
     a2bar = _pade_vjp(res, wbar, vbar, cfg)
     # A^2 = A A.
-    abar = abar + _mm(a2bar, _mT(res.a)) + _mm(_mT(res.a), a2bar)
+    abar = abar + _mm(a2bar, jnp.matrix_transpose(res.a)) + _mm(jnp.matrix_transpose(res.a), a2bar)
     return (abar,)
 
 
@@ -864,7 +869,7 @@ def _cayley_backward(c: jax.Array, cbar: jax.Array) -> tuple[jax.Array]:
     # triangular solves and a product (LAPACK's solves run on one thread, XLA's products on
     # all cores; forward + backward at n = 512 on 2 cores: 14.9 -> 10.7 ms). Its accuracy is
     # that of C, which the forward's solve makes accurate to rounding.
-    ct = _mT(c)
+    ct = jnp.matrix_transpose(c)
     w = 0.25 * (cbar + _mm(ct, cbar))
     return (w + _mm(w, ct),)
 
@@ -916,8 +921,10 @@ def _based_cayley_backward(
     # followed by cayley's (when k < n, forming B C is the third).
     base, c, q = res
     bc = q if k == c.shape[-1] else _mm(base, c)
-    abar = 0.25 * _mm(_mm(_mT(base + bc), qbar), _mT((_eye(c) + c)[..., :k]))
-    return _mm(qbar, _mT(c[..., :k])), abar
+    abar = 0.25 * _mm(
+        _mm(jnp.matrix_transpose(base + bc), qbar), jnp.matrix_transpose((_eye(c) + c)[..., :k])
+    )
+    return _mm(qbar, jnp.matrix_transpose(c[..., :k])), abar
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -955,7 +962,7 @@ _POLAR_SAFETY = 1.01  # margin on the scaling bound (bfloat16 rounding of the Gr
 
 
 def _sym(x: jax.Array) -> jax.Array:
-    return 0.5 * (x + _mT(x))
+    return 0.5 * (x + jnp.matrix_transpose(x))
 
 
 def _phase_mm(a: jax.Array, b: jax.Array, low: bool) -> jax.Array:
@@ -975,7 +982,7 @@ def _phase_mm(a: jax.Array, b: jax.Array, low: bool) -> jax.Array:
 def _gram(z: jax.Array, low: bool) -> jax.Array:
     """``Z^T Z`` (symmetrized). Its JVP ``T + T^T`` with ``T = Z^T dZ`` is one product, and
     so is its transpose, the VJP ``Z (Gbar + Gbar^T)`` (autodiff would use two)."""
-    return _sym(_phase_mm(_mT(z), z, low))
+    return _sym(_phase_mm(jnp.matrix_transpose(z), z, low))
 
 
 @_gram.defjvp
@@ -983,8 +990,8 @@ def _gram_jvp(
     low: bool, primals: tuple[jax.Array], tangents: tuple[jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
     (z,), (dz,) = primals, tangents
-    t = _phase_mm(_mT(z), dz, low)
-    return _gram(z, low), t + _mT(t)
+    t = _phase_mm(jnp.matrix_transpose(z), dz, low)
+    return _gram(z, low), t + jnp.matrix_transpose(t)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -1004,7 +1011,7 @@ def _square_jvp(
 ) -> tuple[jax.Array, jax.Array]:
     (g,), (dg,) = primals, tangents
     u = _phase_mm(dg, g, low)
-    return _square_symmetric(g, low), u + _mT(u)
+    return _square_symmetric(g, low), u + jnp.matrix_transpose(u)
 
 
 def _polar(x: jax.Array, finishing_steps: int) -> jax.Array:

@@ -49,10 +49,6 @@ _FR = "FixedRank"
 _FS = ("softplus", "exp")
 
 
-def _t(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 # ----- shared machinery (also used by psd.PositiveSemidefiniteFixedRank) ------------------------
 
 
@@ -151,7 +147,7 @@ def _split(x: jax.Array, r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     coordinates ``(n, r)``."""
     a_u = x[..., :, :r]
     s = jnp.diagonal(x, axis1=-2, axis2=-1)[..., :r]
-    a_v = _t(x[..., :r, :])
+    a_v = jnp.matrix_transpose(x[..., :r, :])
     return a_u, s, a_v
 
 
@@ -165,12 +161,12 @@ def diagonal_original(d: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _truncated_svd(w: jax.Array, r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     u, s, vt = numerics.lapack(jnp.linalg.svd, w, full_matrices=False)
-    return u[..., :, :r], s, _t(vt)[..., :, :r]
+    return u[..., :, :r], s, jnp.matrix_transpose(vt)[..., :, :r]
 
 
 def _near(w: jax.Array, r: int) -> jax.Array:
     u, s, v = _truncated_svd(w, r)
-    return matmul(u * s[..., None, :r], _t(v))
+    return matmul(u * s[..., None, :r], jnp.matrix_transpose(v))
 
 
 def _identity_bases(x: jax.Array) -> dict[str, jax.Array]:
@@ -218,7 +214,7 @@ class _Factored:
         a_u, d, a_v = _split(w, self.rank)
         u = stiefel(a_u, state["u"])
         v = stiefel(a_v, state["v"])
-        return matmul(u * self._diag(d)[..., None, :], _t(v)).astype(dtype)
+        return matmul(u * self._diag(d)[..., None, :], jnp.matrix_transpose(v)).astype(dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
         self._check(value)

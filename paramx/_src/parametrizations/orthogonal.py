@@ -99,12 +99,8 @@ _MAPS = ("matrix_exp", "cayley", "householder", "polar")
 _OWNER = "Orthogonal"
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _mH(x: jax.Array) -> jax.Array:
-    return jnp.conj(_mT(x))
+    return jnp.conj(jnp.matrix_transpose(x))
 
 
 def _flip(x: Any) -> bool:
@@ -176,11 +172,13 @@ def _householder_q(a: jax.Array) -> jax.Array:
     n, k = a.shape[-2:]
     eye = jnp.broadcast_to(jnp.eye(n, k, dtype=a.dtype), a.shape)
     v = a + eye
-    gram = matmul(_mT(v), v)
+    gram = matmul(jnp.matrix_transpose(v), v)
     t_inv = jnp.triu(gram, 1) + jnp.diagonal(gram, axis1=-2, axis2=-1)[..., None, :] * (
         0.5 * jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), gram.shape)
     )
-    w = numerics.lapack(jax.scipy.linalg.solve_triangular, t_inv, _mT(v[..., :k, :]), lower=False)
+    w = numerics.lapack(
+        jax.scipy.linalg.solve_triangular, t_inv, jnp.matrix_transpose(v[..., :k, :]), lower=False
+    )
     return eye - matmul(v, w)
 
 
@@ -327,7 +325,7 @@ class Orthogonal:
         x = x.astype(compute_dtype(dtype))
         flip = _flip(x)
         if flip:
-            x = _mT(x)
+            x = jnp.matrix_transpose(x)
         n, k = x.shape[-2:]
         if name == "householder":
             q = _householder_q(jnp.tril(x, -1))
@@ -358,7 +356,7 @@ class Orthogonal:
         # the exact derivative; the other maps are orthonormal by construction.
         q = numerics.newton_schulz(q) if name == "polar" else numerics.polish(q)
         if flip:
-            q = _mT(q)
+            q = jnp.matrix_transpose(q)
         return q.astype(dtype)
 
     def update_base(self, x: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
@@ -453,7 +451,7 @@ class Orthogonal:
                 q = q.at[..., even, odd].set(-s).at[..., odd, even].set(s)
             q = q[..., :k]
         if rows <= cols:
-            q = _mT(q)
+            q = jnp.matrix_transpose(q)
         return q.astype(dtype)
 
     def in_manifold(self, x: jax.Array, atol: float | None = None) -> jax.Array:
@@ -469,7 +467,7 @@ class Orthogonal:
         numerics.check_dtype(x, "orthogonal")
         t = x.astype(compute_dtype(x.dtype))
         if _flip(t):
-            t = _mT(t)
+            t = jnp.matrix_transpose(t)
         n, k = t.shape[-2:]
         if atol is None:
             atol = 10 * n * float(jnp.finfo(x.dtype).eps)
@@ -498,7 +496,7 @@ class Orthogonal:
         an orthogonal value, away from 0 when rounding or a corrupted base moved it off."""
         t = value.astype(compute_dtype(value.dtype))
         if _flip(t):
-            t = _mT(t)
+            t = jnp.matrix_transpose(t)
         k = t.shape[-1]
         gram = matmul(_mH(t), t)
         err = gram - jnp.broadcast_to(jnp.eye(k, dtype=t.dtype), gram.shape)
@@ -524,7 +522,7 @@ class Orthogonal:
         dtype = compute_dtype(q.dtype)
         q = q.astype(dtype)
         if _flip(q):
-            q = _mT(q)
+            q = jnp.matrix_transpose(q)
         n = q.shape[-2]
         if q.size == 0:  # nothing to keep: the identity (an empty batch stays empty)
             return jnp.broadcast_to(jnp.eye(n, dtype=dtype), (*q.shape[:-2], n, n))
@@ -542,7 +540,7 @@ class Orthogonal:
         x = q.astype(compute_dtype(dtype))
         u, _, vt = numerics.lapack(jnp.linalg.svd, x, full_matrices=False)
         flip = _flip(x)
-        t = _mT(x) if flip else x
+        t = jnp.matrix_transpose(x) if flip else x
         keep = _is_orthogonal(t)
         return jnp.where(keep, x, matmul(u, vt)).astype(dtype)
 
@@ -553,17 +551,17 @@ class Orthogonal:
         x = q.astype(compute_dtype(dtype))
         flip = _flip(x)
         if flip:
-            x = _mT(x)
+            x = jnp.matrix_transpose(x)
         h, tau = numerics.lapack(
             jnp.linalg.qr, x, mode="raw"
         )  # LAPACK's geqrf, returned transposed
-        a = _mT(h)
+        a = jnp.matrix_transpose(h)
         d = _signs(jnp.diagonal(a, axis1=-2, axis2=-1))  # +-1: R's diagonal may be 0
         d = jnp.where(tau == 0, -d, d)  # LAPACK's "no reflection" reflector: flip its sign
         k = x.shape[-1]
         a = a.at[..., jnp.arange(k), jnp.arange(k)].set(d)
         if flip:
-            a = _mT(a)
+            a = jnp.matrix_transpose(a)
         return a.astype(dtype)
 
     # ----- torch interop: the protocol of paramx._src.integrations.torch ------------------

@@ -72,24 +72,20 @@ from paramx._src.parametrizations.low_rank import (
 )
 
 
-def _t(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _sym(x: jax.Array) -> jax.Array:
-    return (x + _t(x)) * jnp.asarray(0.5, x.dtype)
+    return (x + jnp.matrix_transpose(x)) * jnp.asarray(0.5, x.dtype)
 
 
 def _gram(a: jax.Array) -> jax.Array:
     """``A Aᵀ`` at full precision, exactly symmetric."""
-    return _sym(numerics.matmul(a, _t(a)))
+    return _sym(numerics.matmul(a, jnp.matrix_transpose(a)))
 
 
 def psd_projection(x: jax.Array) -> jax.Array:
     """The nearest positive semidefinite matrix in the Frobenius norm, ``V max(Λ, 0) Vᵀ`` of
     the symmetric part ``V Λ Vᵀ`` of ``x``."""
     lam, v = numerics.lapack(jnp.linalg.eigh, _sym(x))
-    return _sym(numerics.matmul(v * jnp.maximum(lam, 0)[..., None, :], _t(v)))
+    return _sym(numerics.matmul(v * jnp.maximum(lam, 0)[..., None, :], jnp.matrix_transpose(v)))
 
 
 def _distance(x: jax.Array) -> jax.Array:
@@ -102,7 +98,7 @@ def _in_cone(x: jax.Array, atol: Any, strict: bool) -> jax.Array:
         atol = default_atol(x)
     work = x.astype(numerics.compute_dtype(x.dtype))
     atol = jnp.asarray(atol).astype(work.dtype)
-    gap = jnp.max(jnp.abs(work - _t(work)), axis=(-2, -1))
+    gap = jnp.max(jnp.abs(work - jnp.matrix_transpose(work)), axis=(-2, -1))
     low = jnp.min(numerics.lapack(jnp.linalg.eigvalsh, _sym(work)), axis=-1)
     return (gap <= atol) & ((low > 0) if strict else (low >= -atol))
 
@@ -336,7 +332,9 @@ class PositiveSemidefinite:
         check_square(value, _PSD)
         s = _sym(value.astype(numerics.compute_dtype(value.dtype)))
         lam, v = numerics.lapack(jnp.linalg.eigh, s)
-        root = numerics.matmul(v * jnp.sqrt(jnp.maximum(lam, 0))[..., None, :], _t(v))
+        root = numerics.matmul(
+            v * jnp.sqrt(jnp.maximum(lam, 0))[..., None, :], jnp.matrix_transpose(v)
+        )
         return _sym(root).astype(value.dtype)
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
@@ -509,7 +507,7 @@ class PositiveSemidefiniteLowRank:
         self._check_shape(x)
         x = x.astype(numerics.compute_dtype(x.dtype))
         lam, v = _top(x, self.rank)
-        near = numerics.matmul(v * lam[..., None, :], _t(v))
+        near = numerics.matmul(v * lam[..., None, :], jnp.matrix_transpose(v))
         return jnp.sqrt(jnp.sum((x - near) ** 2, axis=(-2, -1)))
 
     def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
@@ -521,7 +519,7 @@ class PositiveSemidefiniteLowRank:
             atol = default_atol(x)
         work = x.astype(numerics.compute_dtype(x.dtype))
         atol = jnp.asarray(atol).astype(work.dtype)
-        gap = jnp.max(jnp.abs(work - _t(work)), axis=(-2, -1))
+        gap = jnp.max(jnp.abs(work - jnp.matrix_transpose(work)), axis=(-2, -1))
         lam = numerics.lapack(jnp.linalg.eigvalsh, _sym(work))
         n = x.shape[-1]
         rest = lam[..., n - self.rank - 1] if self.rank < n else jnp.zeros_like(lam[..., 0])
@@ -662,7 +660,7 @@ class PositiveSemidefiniteFixedRank:
         r = self.rank
         q = stiefel(w[..., :, :r], base)
         lam = positive_map(self.f, jnp.diagonal(w, axis1=-2, axis2=-1)[..., :r])
-        return _sym(numerics.matmul(q * lam[..., None, :], _t(q)))
+        return _sym(numerics.matmul(q * lam[..., None, :], jnp.matrix_transpose(q)))
 
     def forward(self, x: jax.Array, *, params: Any, state: Any) -> jax.Array:
         self._check_shape(x)

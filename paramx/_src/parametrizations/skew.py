@@ -50,13 +50,9 @@ def _check_square(x: jax.Array, owner: str = _OWNER) -> None:
         )
 
 
-def _t(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _mH(x: jax.Array) -> jax.Array:
     """The conjugate transpose of the last two axes (the transpose for real dtypes)."""
-    return jnp.conj(_t(x)) if jnp.iscomplexobj(x) else _t(x)
+    return jnp.conj(jnp.matrix_transpose(x)) if jnp.iscomplexobj(x) else jnp.matrix_transpose(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +92,7 @@ class Skew:
     def forward(self, x: jax.Array) -> jax.Array:
         _check_square(x)
         t = self._triangle(x)
-        return t - _t(t)
+        return t - jnp.matrix_transpose(t)
 
     def right_inverse(self, value: jax.Array) -> jax.Array:
         """The triangle of the skew part ``(A − Aᵀ)/2``: exact on skew matrices, and otherwise
@@ -104,7 +100,7 @@ class Skew:
         """
         _check_square(value)
         half = jnp.asarray(0.5, value.dtype)
-        return self._triangle((value - _t(value)) * half)
+        return self._triangle((value - jnp.matrix_transpose(value)) * half)
 
     # ----- the constraint protocol (paramx._src.core.manifold) -----------------------------
     def sample(self, key: jax.Array, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
@@ -115,12 +111,12 @@ class Skew:
         numerics.check_dtype(jnp.zeros((), dtype), _OWNER)
         g = jax.random.normal(key, tuple(shape), numerics.compute_dtype(dtype))
         _check_square(g)
-        return ((g - _t(g)) / 2).astype(dtype)
+        return ((g - jnp.matrix_transpose(g)) / 2).astype(dtype)
 
     def distance(self, x: jax.Array) -> jax.Array:
         """The Frobenius distance to the nearest skew matrix, ``‖(X + Xᵀ)/2‖``, per matrix."""
         _check_square(x)
-        d = (x + _t(x)).astype(numerics.compute_dtype(x.dtype)) / 2
+        d = (x + jnp.matrix_transpose(x)).astype(numerics.compute_dtype(x.dtype)) / 2
         return jnp.sqrt(jnp.sum(jnp.abs(d) ** 2, axis=(-2, -1)))
 
     def in_manifold(self, x: jax.Array, atol: float | jax.Array | None = None) -> jax.Array:
@@ -130,7 +126,7 @@ class Skew:
         if atol is None:
             scale = jnp.maximum(jnp.max(jnp.abs(x), axis=(-2, -1)), 1)
             atol = 10 * x.shape[-1] * float(jnp.finfo(x.dtype).eps) * scale
-        gap = jnp.max(jnp.abs(x + _t(x)), axis=(-2, -1))
+        gap = jnp.max(jnp.abs(x + jnp.matrix_transpose(x)), axis=(-2, -1))
         return gap <= atol
 
     # ----- paramx.nnx: its function (paramx._src.integrations.nnx.wrappers) ---------------

@@ -49,10 +49,6 @@ from paramx._src.parametrizations.orthogonal import Orthogonal
 _OWNER = "SpecialOrthogonal"
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
 def _check(x: Any) -> None:
     numerics.check_dtype(
         x,
@@ -138,7 +134,7 @@ class SpecialOrthogonal:
         dtype = x.dtype
         x = x.astype(compute_dtype(dtype))
         low = jnp.tril(x, -1)
-        q = matmul(state["base"].astype(x.dtype), linalg.expm_skew(low - _mT(low)))
+        q = matmul(state["base"].astype(x.dtype), linalg.expm_skew(low - jnp.matrix_transpose(low)))
         return numerics.polish(q).astype(dtype)
 
     def right_inverse(self, value: jax.Array, *, params: Any, state: Any) -> tuple[jax.Array, Any]:
@@ -214,7 +210,7 @@ class SpecialOrthogonal:
         n = q.shape[-1]
         if atol is None:
             atol = 10 * n * float(jnp.finfo(q.dtype).eps)
-        gram = matmul(_mT(q), q) - _eye(q)
+        gram = matmul(jnp.matrix_transpose(q), q) - _eye(q)
         ok = jnp.max(jnp.abs(gram), axis=(-2, -1), initial=0.0) <= atol
         return ok & (numerics.lapack(jnp.linalg.det, q) > 0)
 
