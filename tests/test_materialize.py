@@ -1,6 +1,9 @@
 """materialize, state threading, caching (trace counts) and retracing."""
 
+from typing import NamedTuple
+
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -92,6 +95,37 @@ def test_merge_state_rejects_a_foreign_state():
     params, _ = px.split_state(tree)
     with pytest.raises(ValueError, match="The state does not match the tree"):
         px.merge_state(params, {"other": {"0": jnp.ones(())}, "w": None})
+
+
+class _Pair(NamedTuple):
+    w: jax.Array
+    b: jax.Array
+
+
+@flax.struct.dataclass
+class _StructPair:
+    w: jax.Array
+    b: jax.Array
+
+
+@pytest.mark.parametrize("container", [_Pair, _StructPair])
+def test_the_state_half_round_trips_through_attribute_containers(container):
+    # NamedTuples and flax.struct dataclasses key their children by attribute name; the state
+    # half files the state under the same plain keys (layers/0/w), and reads it back there.
+    layers = [container(jnp.array([1.0, -2.0]), jnp.zeros(2)) for _ in range(2)]
+    tree = px.register_parametrization({"layers": layers}, "layers/0/w", toys.RunningMax())
+    params, state = px.split_state(tree)
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(
+        {"layers": {0: {"w": {"0": 0}}}}
+    )
+    plain, new_state = jax.jit(lambda p, s: px.materialize(p, s, update_state=True))(params, state)
+    assert_close(plain["layers"][0].w, jnp.array([0.5, -1.0], jnp.float32))
+    assert type(plain["layers"][0]) is container
+    assert float(px.merge_state(params, new_state)["layers"][0].w.state["0"]) == 4.0
+    with pytest.raises(ValueError, match=r"entry at layers/0/x.*\['b', 'w'\]"):
+        px.merge_state(params, {"layers": {0: {"x": {"0": jnp.ones(())}}}})
+    with pytest.raises(ValueError, match="entry at layers/0/b, where the tree has no"):
+        px.merge_state(params, {"layers": {0: {"b": {"0": {"u": jnp.ones(())}}}}})
 
 
 # --- caching: each parametrized tensor computed once per step ------------------------------------

@@ -146,12 +146,29 @@ def thaw(x: Any) -> Any:
 _MISSING = object()
 
 
+def _children(tree: Any) -> dict[Any, Any] | None:
+    """A container's children by plain key (dict keys, indices, attribute names: the keys of
+    the state half), or None for a leaf. Any pytree node counts: NamedTuples,
+    ``flax.struct`` dataclasses, registered classes."""
+    if isinstance(tree, Mapping):
+        return dict(tree)
+    if isinstance(tree, list | tuple) and not hasattr(tree, "_fields"):
+        return dict(enumerate(tree))
+    if tree is None or hasattr(tree, "shape") or is_node(tree):
+        return None
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+    if len(flat) == 1 and not flat[0][0]:  # a leaf: its own only "child", at the empty path
+        return None
+    return {paths.path_keys(path[:1])[0]: child for path, child in flat}
+
+
 def _child(tree: Any, key: Any) -> Any:
     if isinstance(tree, Mapping):
         return tree.get(key, _MISSING)
-    if isinstance(tree, list | tuple) and isinstance(key, int):
+    if isinstance(tree, list | tuple) and isinstance(key, int) and not hasattr(tree, "_fields"):
         return tree[key] if -len(tree) <= key < len(tree) else _MISSING
-    return _MISSING
+    children = _children(tree)
+    return _MISSING if children is None else children.get(key, _MISSING)
 
 
 def _lookup(state: Any, path: Any) -> Any:
@@ -182,7 +199,7 @@ def _check_layout(params: Any, state: Any, at: tuple[Any, ...]) -> None:
         items = None
     else:
         return  # another container type: matched by path in `merge_state`
-    if items is None or not isinstance(params, Mapping | list | tuple):
+    if items is None or _children(params) is None:
         where = "/".join(map(str, at)) or "<root>"
         raise ValueError(
             f"The state does not match the tree: it has an entry at {where}, where the tree has "
@@ -195,7 +212,7 @@ def _check_layout(params: Any, state: Any, at: tuple[Any, ...]) -> None:
             if sub is None:
                 continue
             where = "/".join(map(str, (*at, k)))
-            near = sorted(map(str, params.keys() if isinstance(params, Mapping) else []))[:8]
+            near = sorted(map(str, _children(params) or ()))[:8]
             raise ValueError(
                 f"The state does not match the tree: it has an entry at {where}, which the tree "
                 f"does not have (the tree has {near} there). Give the state half that "
