@@ -84,6 +84,47 @@ def test_wrapping_a_whole_submodule_with_a_predicate_at_the_root():
     assert "paramx_state" not in v or not v["paramx_state"]
 
 
+class _Block(nn.Module):
+    inner: nn.Module
+
+    @nn.compact
+    def __call__(self, x):
+        return self.inner(x)
+
+
+def test_submodules_built_outside_the_wrapped_module_are_refused_not_lost():
+    # Built in an enclosing compact method, the layers of an nn.Sequential (or any module held
+    # by the wrapped one) are Flax children of the enclosing module: the wrapper cannot map
+    # their variables, and `init` used to return no 'params' at all.
+    class Compact(nn.Module):
+        make: object
+
+        @nn.compact
+        def __call__(self, x):
+            return px.linen.Parametrize(self.make(), {"kernel": px.SpectralNorm()})(x)
+
+    sequential = lambda: nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(5)])
+    for make, held in (
+        (sequential, r"Sequential\.layers\[0\]"),
+        (lambda: _Block(nn.Dense(3)), "inner"),
+    ):
+        with pytest.raises(ValueError, match=rf"holds .*{held} \(Dense\), built in the compact"):
+            Compact(make).init(jax.random.key(0), X)
+
+    # Built in a setup method (or outside any module), they are the wrapped module's own.
+    class Setup(nn.Module):
+        def setup(self):
+            self.net = px.linen.Parametrize(sequential(), [(is_kernel, px.SpectralNorm())])
+
+        def __call__(self, x):
+            return self.net(x)
+
+    v = Setup().init(jax.random.key(0), X)
+    assert px.is_parametrized(v["params"], "net/layers_2/kernel")
+    top = px.linen.Parametrize(_Block(nn.Dense(3)), {"inner/kernel": px.SpectralNorm()})
+    assert px.is_parametrized(top.init(jax.random.key(0), X)["params"], "inner/kernel")
+
+
 def test_init_output_equals_apply_output_for_a_non_idempotent_map():
     # Flax's map_variables with its default trans_out_fn stores f(init) and applies f again at
     # apply time; paramx stores right_inverse(init), so init, apply and the plain model agree.

@@ -27,6 +27,7 @@ layout: it merges all collections of a module into one namespace and trains arra
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -129,6 +130,42 @@ def _takes_flag(module: nn.Module) -> bool:
         return _FLAG in inspect.signature(type(module).__call__).parameters
     except (TypeError, ValueError):  # no introspectable signature: do not pass it on
         return False
+
+
+def _held_modules(value: Any, where: str) -> list[tuple[str, nn.Module]]:
+    """The modules in an attribute's value (a module, or lists, tuples and dicts of them)."""
+    if isinstance(value, nn.Module):
+        return [(where, value)]
+    if isinstance(value, list | tuple):
+        return [m for i, v in enumerate(value) for m in _held_modules(v, f"{where}[{i}]")]
+    if isinstance(value, Mapping):
+        return [m for k, v in value.items() for m in _held_modules(v, f"{where}[{k!r}]")]
+    return []
+
+
+def _foreign_submodules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules held in ``module``'s attributes (at any depth) whose parent is a module
+    outside it: built in an enclosing module's compact method (``nn.Sequential([nn.Dense(3),
+    ...])`` there), so Flax made them that module's children. Their variables are not the
+    wrapped module's, and a wrapper of it cannot map them."""
+    inside: set[int] = set()
+    held: list[tuple[str, nn.Module]] = []
+
+    def visit(m: nn.Module, where: str) -> None:
+        if id(m) in inside:
+            return
+        inside.add(id(m))
+        for f in dataclasses.fields(m):
+            if f.name not in ("parent", "name"):
+                found = _held_modules(getattr(m, f.name, None), f"{where}.{f.name}")
+                held.extend(found)
+                for w, sub in found:
+                    visit(sub, w)
+
+    visit(module, type(module).__name__)
+    return [
+        (w, m) for w, m in held if isinstance(m.parent, nn.Module) and id(m.parent) not in inside
+    ]
 
 
 # ----- layout="arrays": a node as a dict of plain arrays, and back ---------------------------
@@ -281,6 +318,11 @@ class Parametrize(nn.Module):
       model then runs the chain per layer. Wrapping the transformed module instead sees the
       stacked kernels: pass ``batch_axes=1`` (the number of stack axes) so that each layer is
       still parametrized on its own.
+    - **Submodules** of the wrapped module must be its own. Modules built in an enclosing
+      module's compact method and handed to it (``nn.Sequential([nn.Dense(3), ...])`` built
+      there) are Flax children of the enclosing module, whose variables the wrapper cannot
+      map: it refuses them with a ``ValueError``. Build them in a ``setup`` method, or wrap
+      each layer on its own.
     - **Layout.** ``layout="nodes"`` (the default) stores each parametrized tensor in the
       ``'params'`` collection as a :class:`paramx.Parametrized` node, which
       :func:`paramx.materialize` and the other tree functions read outside the model.
@@ -410,6 +452,18 @@ class Parametrize(nn.Module):
                 f"{self._where()}: `ties` needs layout='nodes' (the tied leaf is stored as a "
                 f"paramx.Tied marker, which the arrays layout cannot hold). With NNX, tie "
                 f"natively instead: share the Variable, or use paramx.nnx.tie."
+            )
+        foreign = _foreign_submodules(self.module)
+        if foreign:
+            where, sub = foreign[0]
+            raise ValueError(
+                f"{self._where()}: the wrapped module holds {where} ({type(sub).__name__}), "
+                f"built in the compact method of {type(sub.parent).__name__}: Flax made it a "
+                f"child of that module, so its variables are not the wrapped module's and the "
+                f"wrapper would lose them. Build the submodules inside the wrapped module (in "
+                f"a setup method, e.g. `self.net = paramx.linen.Parametrize(nn.Sequential("
+                f"[...]), rules)` in the enclosing module's setup), or wrap each layer on its "
+                f"own: paramx.linen.Parametrize(nn.Dense(...), rules)."
             )
         nn.share_scope(self, self.module)
         self._memo = _Memo()
