@@ -179,6 +179,31 @@ for name, fn, how in (
         got = (jax.jit(reg) if how == "jit" else reg)(kernel)
         record(f"{tag}/err", tree_err(got, fn({"w": wide})))
         record(f"{tag}/kept", same(got["w"].original.sharding, kernel.sharding))
+
+# Explicitly sharded arrays closed over by a jitted function (concrete there, but inside a
+# trace: no `jax.set_mesh`), and the health figures of `px.table` (the chain's work runs in
+# auto mode, as in `materialize`).
+for name, p in (("orthogonal", px.Orthogonal()), ("spectral_norm", px.SpectralNorm())):
+    tree = px.register_parametrization({"w": kernel}, "w", p)
+    params, state = px.split_state(tree)
+    one = px.register_parametrization({"w": wide}, "w", p)  # one device
+    params1, state1 = px.split_state(one)
+    ref = px.materialize(params1, state1)["w"]
+    tag = f"closure/{name}"
+    with section(tag):
+        got = jax.jit(lambda q, state=state: px.materialize(q, state))(params)["w"]
+        record(f"{tag}/err", err(got, ref))
+        record(f"{tag}/kept", same(got.sharding, kernel.sharding))
+        loss = lambda q, s: jnp.sum(px.materialize(q, s)["w"] * ref)
+        g = jax.jit(jax.grad(lambda q, state=state: loss(q, state)))(params)["w"].original
+        g1 = jax.jit(jax.grad(lambda q, state=state1: loss(q, state)))(params1)["w"].original
+        record(f"{tag}/grad_err", err(g, g1))
+    tag = f"table/{name}"
+    with section(tag):
+        figures = px.table(tree).health["w"]
+        plain = px.table(one).health["w"]
+        record(f"{tag}/err", max(err(figures[k], plain[k]) for k in plain))
+        record(f"{tag}/names", sorted(figures))
 record("time_part1", time.time() - T0)
 
 # ----- part 2: data-parallel training with spectral norm -------------------------------------
@@ -365,6 +390,17 @@ def test_registering_on_explicitly_sharded_kernels(results):
         tag = f"register_explicit/{tag}"
         assert get(results, f"{tag}/err") <= F32, f"{tag}: registered tree differs from one device"
         assert get(results, f"{tag}/kept"), f"{tag}: the original lost the kernel's sharding"
+
+
+def test_explicitly_sharded_arrays_closed_over_by_jit_and_their_table(results):
+    for name in ("orthogonal", "spectral_norm"):
+        tag = f"closure/{name}"
+        assert get(results, f"{tag}/err") <= F32, f"{tag}: value differs from eager"
+        assert get(results, f"{tag}/kept"), f"{tag}: the value lost the kernel's sharding"
+        assert get(results, f"{tag}/grad_err") <= 10 * F32, f"{tag}: gradient differs"
+        tag = f"table/{name}"
+        assert get(results, f"{tag}/err") <= 10 * F32, f"{tag}: figures differ from one device"
+        assert get(results, f"{tag}/names"), f"{tag}: no health figures"
 
 
 def test_cached_keeps_the_originals_shardings(results):

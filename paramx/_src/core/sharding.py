@@ -105,7 +105,11 @@ def run_auto(
 
     if not concrete:
         return call()
-    with jax.set_mesh(concrete[0]):  # eager: ops on concrete arrays need the concrete mesh
+    try:  # eager: operations on concrete arrays need the concrete mesh
+        context: Any = jax.set_mesh(concrete[0])
+    except ValueError:  # inside a trace (arrays closed over by a jitted function): abstract
+        context = jax.sharding.use_abstract_mesh(concrete[0].abstract_mesh)
+    with context:
         return call()
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paramx._src.core import chain as ch
-from paramx._src.core import checks, paths
+from paramx._src.core import checks, paths, sharding
 from paramx._src.core import parametrization as pz
 from paramx._src.core.manifold import distance_fn
 from paramx._src.core.node import Parametrized, is_node
@@ -514,9 +514,20 @@ def _node_health(node: Parametrized, where: str) -> dict[str, Any]:
             xs = (value,)
         return out
 
+    def replicated(shapes: Any, replicated: Any) -> Any:  # the figures: a number per tensor
+        return jax.tree_util.tree_map(lambda _: replicated, shapes)
+
     with checks.at_path(where):
         n_axes = ch.stack_axes(node, where)
-        per_link = ch.per_tensor(one, n_axes)(node.originals, node.params, node.state)
+        # Explicitly sharded originals: the forward and the figures run in auto mode, as in
+        # `materialize` (an SVD or `A - A^T` of a sharded matrix does not type-check).
+        per_link = sharding.run_auto(
+            ch.per_tensor(one, n_axes),
+            node.originals,
+            node.params,
+            node.state,
+            out_sharding=replicated,
+        )
     for figures in per_link:
         for k in figures:
             counts[k] = counts.get(k, 0) + 1
