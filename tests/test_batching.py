@@ -364,6 +364,19 @@ for mode in ("auto", "explicit"):
     R[f"{mode}/unsharded_groups"] = len(batching.batched_values(
         jax.tree_util.tree_flatten_with_path(
             px.merge_state(params, state), is_leaf=is_node)[0], [None] * 4, False, True))
+
+# Single-device arrays on different devices, or committed to one and not: never stacked
+# (eagerly, stacking would move the uncommitted one and commit it to the other's device).
+d0, d1 = jax.devices()[:2]
+ones = jnp.ones((4, 4))
+for name, b in (("other_device", jax.device_put(ones, d1)), ("committed", jax.device_put(ones, d0)),
+                ("same", 2 * ones)):
+    t = px.register_parametrization({"a": ones, "b": b}, lambda p, x: True, px.WeightNorm())
+    a = px.materialize(t, batch=True)["a"]
+    R[f"placement/{name}/device"] = [d.id for d in a.devices()]
+    R[f"placement/{name}/committed"] = a.committed
+    flat = jax.tree_util.tree_flatten_with_path(t, is_leaf=is_node)[0]
+    R[f"placement/{name}/groups"] = len(batching.batched_values(flat, [None] * 2, False, True))
 print("RESULTS " + json.dumps(R))
 """
 
@@ -383,3 +396,8 @@ def test_sharded_trees_give_the_per_tensor_values_and_shardings():
         assert r[f"{mode}/same_shardings"], r
         assert r[f"{mode}/eager_groups"] == 0, r
         assert r[f"{mode}/unsharded_groups"] == 4, r  # two groups of two
+    for name in ("other_device", "committed", "same"):
+        assert r[f"placement/{name}/device"] == [0], (name, r)
+        assert r[f"placement/{name}/committed"] is False, (name, r)
+    assert r["placement/other_device/groups"] == r["placement/committed/groups"] == 0, r
+    assert r["placement/same/groups"] == 2, r

@@ -16,7 +16,9 @@ What is never batched (computed per tensor, exactly as before):
 * a tensor with a sharding target (``materialize(..., shardings=)``) or arrays sharded along
   explicit mesh axes or concrete arrays spread over several devices: stacking would move
   sharded data into one new array whose layout the compiler picks, while the point of
-  ``shardings=`` is to keep each value where its original lives;
+  ``shardings=`` is to keep each value where its original lives; concrete arrays on
+  different devices, or committed to one and not the other, are not grouped together either
+  (eagerly, stacking would move them to one device and commit them there);
 * a chain that cannot be hashed or compared (a dataclass with an array field, say), or
   arrays that have no JAX type;
 * a group whose batched run raises anything (a link that reads concrete values, an ordered
@@ -78,11 +80,14 @@ def group_key(node: Parametrized, target: Any) -> Hashable | None:
         return None
     parts = (node.originals, node.params, node.state)
     leaves, treedef = jax.tree_util.tree_flatten(parts)
-    types = []
+    types, placement = [], []
     for x in leaves:
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
             if len(x.sharding.device_set) > 1:
                 return None
+            # Eagerly, stacking moves every member to one device, and commits it there: only
+            # arrays on the same device, committed alike, are grouped.
+            placement.append((next(iter(x.sharding.device_set)).id, x.committed))
         try:
             t = jax.typeof(x)
         except TypeError:
@@ -90,7 +95,7 @@ def group_key(node: Parametrized, target: Any) -> Hashable | None:
         types.append((tuple(t.shape), t.dtype, bool(getattr(t, "weak_type", False))))
     if sharding.explicit_axes(parts)[1]:
         return None
-    key = (node.chain, node.multi, node.event_ndims, treedef, tuple(types))
+    key = (node.chain, node.multi, node.event_ndims, treedef, tuple(types), tuple(placement))
     try:
         hash(key)
         if not bool(key == key):
