@@ -242,3 +242,15 @@ def test_a_stack_without_factorizations_is_one_vmap():
     params, state = px.split_state(tree)
     text = str(jax.make_jaxpr(lambda pr: px.materialize(pr, state))(params))
     assert "while" not in text and "scan" not in text
+
+
+def test_cpu_work_on_an_accelerator_host_is_chunked_too(monkeypatch):
+    # On a GPU host the default backend is "gpu", but work placed on the CPU with
+    # jax.default_device meets jaxlib's thread pool all the same.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not stacks.on_cpu()
+    for device in (jax.devices("cpu")[0], "cpu"):
+        with jax.default_device(device):
+            assert stacks.on_cpu()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert stacks.on_cpu()

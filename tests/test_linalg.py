@@ -500,6 +500,14 @@ def test_static_plan_limits():
     assert linalg.default_plan() == ("adaptive" if jax.default_backend() == "cpu" else "static")
 
 
+def test_the_default_plan_follows_where_the_program_runs(monkeypatch):
+    # An accelerator host runs the device plan, unless the work is placed on the CPU.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert linalg.default_plan() == "static"
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert linalg.default_plan() == "adaptive"
+
+
 # --- polar ---------------------------------------------------------------------------------------
 def _with_singular_values(seed, n, k, kappa, dtype):
     rng = np.random.default_rng(seed)

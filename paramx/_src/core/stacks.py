@@ -79,7 +79,12 @@ def lanes() -> int:
 
 
 def on_cpu() -> bool:
-    """Whether the programs being traced run on XLA:CPU (the default backend)."""
+    """Whether the programs being traced run on XLA:CPU: the default backend, or the default
+    device set by ``jax.default_device`` (CPU work on a GPU host meets jaxlib's thread pool
+    too)."""
+    device = jax.config.jax_default_device
+    if device is not None:
+        return str(getattr(device, "platform", device)) == "cpu"
     return jax.default_backend() == "cpu"
 
 

@@ -158,6 +158,7 @@ import jax
 import jax.numpy as jnp
 from jax import custom_batching, lax
 
+from paramx._src.core import stacks
 from paramx._src.parametrizations.numerics import lapack
 
 __all__ = ["PLANS", "cayley", "check_plan", "default_plan", "expm_skew", "polar"]
@@ -795,10 +796,11 @@ PLANS = ("adaptive", "static")
 
 
 def default_plan() -> str:
-    """The plan ``plan=None`` resolves to: ``"static"`` when JAX's default backend is an
-    accelerator (GPU, TPU), ``"adaptive"`` on CPU, where it is faster (see the module
-    docstring). Decided when the function is traced."""
-    return "adaptive" if jax.default_backend() == "cpu" else "static"
+    """The plan ``plan=None`` resolves to: ``"static"`` when the program runs on an
+    accelerator (GPU, TPU: JAX's default backend, unless ``jax.default_device`` names a CPU),
+    ``"adaptive"`` on CPU, where it is faster (see the module docstring). Decided when the
+    function is traced."""
+    return "adaptive" if stacks.on_cpu() else "static"
 
 
 def check_plan(plan: object, owner: str = "expm_skew") -> str | None:
