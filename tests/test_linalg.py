@@ -260,6 +260,47 @@ def test_vmap_variants_match_single_matrices():
     np.testing.assert_allclose(jac, reference, rtol=1e-8, atol=1e-10)
 
 
+def test_second_order_derivatives_through_a_stack_and_a_tangent_basis():
+    # jax.hessian is jacfwd of the gradient: the forward's vmap rule runs with only tangents
+    # batched (it used to recurse without end), and vmap of jvp of the gradient batches the
+    # residuals' integer parts apart from the others (it used to fail a cotangent check).
+    a = skew(13, (2, 4, 4), jnp.float64, scale=np.array([0.3, 9.0]).reshape(2, 1, 1))
+    t = skew(14, (2, 4, 4), jnp.float64)
+
+    def loss(fn):
+        return lambda a: jnp.sum(fn(a)[0] ** 3)
+
+    ours, ref = loss(expm_skew), loss(expm)
+    for i in range(2):
+        np.testing.assert_allclose(
+            jax.hessian(ours)(a[i]), jax.hessian(ref)(a[i]), rtol=1e-8, atol=1e-10
+        )
+    hvp = lambda f: jax.vmap(lambda a, t: jax.jvp(jax.grad(f), (a,), (t,))[1])
+    np.testing.assert_allclose(hvp(ours)(a, t), hvp(ref)(a, t), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("plan", ["adaptive", "static"])
+def test_beyond_the_reach_the_value_and_gradient_are_nan(dtype, plan):
+    # Squaring amplifies the angles' rounding; past the documented reach (2^s u = 2^-9) the
+    # result used to be finite and meaningless (norm 1e115, or a zero matrix).
+    if plan == "adaptive":
+        cfg = linalg._config(dtype)
+        reach = cfg.thetas[-1] * 2.0**cfg.max_squarings
+    else:
+        reach = linalg._taylor_config(dtype).nan_beyond
+    one = jnp.array([[0.0, -1.0], [1.0, 0.0]], dtype)  # spectral radius (and eta) 1
+    f = lambda a: expm_skew(a, plan=plan)
+    within, beyond = one * (0.9 * reach), jnp.stack([one * 0.5, one * (1.1 * reach)])
+    assert unitarity_error(f(within)) < 2**-8
+    q = f(beyond)
+    assert unitarity_error(q[0]) < 10 * eps(dtype) and bool(jnp.all(jnp.isnan(q[1])))
+    g = jax.grad(lambda a: jnp.sum(f(a) * one[None]))(beyond)
+    assert bool(jnp.all(jnp.isfinite(g[0]))) and bool(jnp.all(jnp.isnan(g[1])))
+    for t in (1e19, 1e30):  # absurd angles, in both dtypes
+        assert bool(jnp.all(jnp.isnan(f(one * jnp.asarray(t, dtype)))))
+
+
 # --- dtypes, shapes, edge cases ------------------------------------------------------------------
 @pytest.mark.parametrize("fn, f32", [(expm_skew, ours_expm), (cayley, ours_cayley)])
 def test_bfloat16_computes_in_float32(fn, f32):
@@ -286,7 +327,7 @@ def test_nan_propagates_and_large_norms_stay_unitary():
     a = skew(11, (N, N), jnp.float32, shift=np.where(np.eye(N) > 0, np.nan, 0.0))
     assert bool(jnp.all(jnp.isnan(ours_expm(a))))
     a = skew(11, (N, N), jnp.float64, norm1=1e9)
-    assert unitarity_error(ours_expm(a)) < 1e-6  # about 28 squarings
+    assert unitarity_error(ours_expm(a)) < 1e-6  # about 28 squarings (the cap is 44)
 
 
 # --- one factorization ---------------------------------------------------------------------------

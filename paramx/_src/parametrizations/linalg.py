@@ -50,10 +50,13 @@ products than 7 or 13. Scaling by ``2^-s`` is exact and folded into the scalar c
 squarings run in a ``lax.while_loop`` with the data-dependent trip count ``s``. With a batch,
 the degree is shared (the largest needed), ``s`` is per matrix and finished matrices are
 masked. Under ``jax.vmap`` (batched materialization, ``nn.vmap`` stacks, a user's own vmap)
-the same happens: the forward and the backward have ``custom_vmap`` rules that call them on
-the stack, where plain vmap would turn each ``lax.cond`` into a select of all its branches
-(every degree computed, each with its LU solve). Inputs with ``||A||_1`` beyond about ``2^21``
-(float32) or ``2^170`` (float64) overflow ``A^6`` and give NaN (``jax.scipy.linalg.expm``
+the same happens: the forward has a ``custom_vmap`` rule that calls it on the stack, where
+plain vmap would turn each ``lax.cond`` into a select of all its branches (every degree
+computed, each with its LU solve); the degree it returns is shared, so the backward's
+conditionals stay conditionals under plain vmap. Each squaring doubles the rounding error
+of the angles, so ``s`` is capped where ``2^s u`` reaches ``2^-9``: 15 squarings in float32
+(``eta`` up to ``4.081 * 2^15``, about ``1.3e5``), 44 in float64 (about ``9.7e13``). Beyond,
+the value and its gradient are NaN rather than amplified rounding (``jax.scipy.linalg.expm``
 returns NaN from about ``5e5``).
 
 *Backward.* JAX's VJP of ``exp`` at ``A`` for a cotangent ``G`` is the Fréchet derivative
@@ -73,7 +76,11 @@ All these steps are functions of left and right multiplication by ``A^T``, so th
 this lets squares that were not stored be applied in forward order. The total is about three
 times the forward's products plus one LU factorization and one pair of triangular solves,
 instead of autodiff through a generic ``expm`` (which also runs its 1-norm-based extra
-squarings) or a ``2n x 2n`` block exponential. Only reverse mode is defined (``custom_vjp``).
+squarings) or a ``2n x 2n`` block exponential. Only reverse mode is defined (``custom_vjp``);
+forward over reverse works (``jax.hessian``, Hessian-vector products ``jax.jvp`` of
+``jax.grad``, also under ``vmap``), reverse over reverse does not (``jax.grad`` of a gradient:
+the backward's squaring loops are ``while`` loops); ``plan="static"`` and :func:`cayley`
+support both.
 
 *Cost.* ``benchmarks/linalg_cost.py`` times ``value_and_grad`` of ``sum(expm_skew(A) * C)``
 in float32 against one jitted ``n x n`` product. On a 2-core AMD Zen 4 at n = 256 it is about
@@ -108,8 +115,9 @@ thresholds, checked in tests/test_linalg.py) because the squarings are run anywa
 rounding errors then accumulate. Against ``scipy.linalg.expm`` over 1-norms 1e-3 .. 1e3 its
 error equals the adaptive plan's below norm 1 and is within 1-3x of it above (both near
 ``u ||A||`` there). Reach: ``theta * 2^max_squarings`` = 2048 (float32, 11 squarings) or 2458
-(float64, 12) for ``eta``; beyond, the error grows like ``(eta / reach)^19`` and far beyond
-the result is NaN. Cost: 5 + ``max_squarings`` products forward, about twice that backward,
+(float64, 12) for ``eta``; beyond, the error grows like ``(eta / reach)^19``, and from
+where that reaches ``2^-9`` (``eta`` above about 3540 in float32, 12240 in float64) the value
+and its gradient are NaN. Cost: 5 + ``max_squarings`` products forward, about twice that backward,
 whatever the norm: on CPU 1.5-4.5x the adaptive plan's time (n = 64, 256), so ``plan=None``
 picks it only when JAX's default backend is an accelerator.
 
@@ -172,11 +180,14 @@ class _Config(NamedTuple):
     degrees: tuple[int, ...]  # Padé degrees, the last one is used with squaring
     thetas: tuple[float, ...]  # spectral-radius thresholds, one per degree
     stored_squares: int  # squares X_1..X_k kept for the backward; later ones are recomputed
-    max_squarings: int  # bound on s (only reached by non-finite or absurdly large inputs)
+    # The most squarings: 2^max_squarings u = 2^-9 (u the unit roundoff). Squaring doubles
+    # the rounding error of the angles each time, so past this reach the result would be
+    # rounding amplified to meaningless values: it is NaN instead.
+    max_squarings: int
 
 
-_FLOAT32 = _Config((3, 5, 7), (0.4268, 1.912, 4.081), 4, 128)
-_FLOAT64 = _Config((3, 5, 7, 13), (0.01495, 0.2540, 0.9525, 5.486), 4, 1024)
+_FLOAT32 = _Config((3, 5, 7), (0.4268, 1.912, 4.081), 4, 15)
+_FLOAT64 = _Config((3, 5, 7, 13), (0.01495, 0.2540, 0.9525, 5.486), 4, 44)
 
 
 def _pade_fractions(m: int) -> tuple[Fraction, ...]:
@@ -490,8 +501,10 @@ def _expm_forward(a: jax.Array) -> tuple[jax.Array, _ExpmResiduals]:
     real = jnp.finfo(a.dtype).dtype
     a2 = _mm(a, a)
     a4, a6, degree, eta = _choose_degree(a, a2, cfg)
-    s = _ceil_log2(eta / jnp.asarray(cfg.thetas, real)[degree], cfg.max_squarings)
-    scale = _pow2(-s, real)
+    ratio = eta / jnp.asarray(cfg.thetas, real)[degree]
+    s = _ceil_log2(ratio, cfg.max_squarings)
+    # Beyond the reach (max_squarings), a NaN scale makes the value and its gradient NaN.
+    scale = jnp.where(ratio > 2.0**cfg.max_squarings, jnp.nan, _pow2(-s, real))
     eye = _eye(a)
     g = _even_scales(scale)
     w, v, w1, z1 = _pade_parts(degree, (eye, a2, a4, a6), g, cfg)
@@ -617,32 +630,20 @@ def _expm_backward(res: _ExpmResiduals, gbar: jax.Array) -> tuple[jax.Array]:
 
 # Under ``jax.vmap`` (batched materialization, ``nn.vmap`` stacks, a user's own vmap) the
 # data-dependent ``lax.cond``s above would get a batched predicate, and vmap then runs every
-# branch (all three degrees, each with its LU solve) and selects. The forward and backward
-# handle leading batch axes themselves (one degree for the batch, squarings masked per
-# matrix), so their vmap rules move the mapped axis in front and call them on the stack.
+# branch (all three degrees, each with its LU solve) and selects. The forward handles leading
+# batch axes itself (one degree for the batch, squarings masked per matrix), so its vmap rule
+# calls it on the stack; the degree it returns is unbatched, so the backward's conditionals
+# stay conditionals under plain vmap, and its squaring loops batch as JAX batches while loops
+# (finished matrices masked). A vmap rule for the backward too (removed) was no faster, and
+# JAX's JVP of such a rule mis-batches its integer residuals (``jax.vmap`` of ``jax.jvp`` of a
+# gradient failed).
 
 
 def _all(tree: Any, flag: bool) -> Any:
     return jax.tree_util.tree_map(lambda _: flag, tree)
 
 
-def _stack(axis_size: int, tree: Any, batched: Any) -> Any:
-    """Every leaf of ``tree`` with the mapped axis in front (unbatched ones broadcast)."""
-
-    def one(x: jax.Array, b: bool) -> jax.Array:
-        return x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-
-    return jax.tree_util.tree_map(one, tree, batched)
-
-
-def _vmapped(fn: Callable[..., Any], axis_size: int, in_batched: Any, *args: Any) -> Any:
-    """Plain ``jax.vmap`` of ``fn`` (the rules' fallback); every output batched."""
-    axes = jax.tree_util.tree_map(lambda b: 0 if b else None, in_batched)
-    return jax.vmap(fn, in_axes=tuple(axes), axis_size=axis_size)(*args)
-
-
 _expm_forward_batched = custom_batching.custom_vmap(_expm_forward)
-_expm_backward_batched = custom_batching.custom_vmap(_expm_backward)
 
 
 @_expm_forward_batched.def_vmap
@@ -650,26 +651,14 @@ def _expm_forward_rule(
     axis_size: int, in_batched: tuple[bool], a: jax.Array
 ) -> tuple[tuple[jax.Array, _ExpmResiduals], Any]:
     """The stack's forward: one degree for all (a scalar residual), squarings per matrix.
-    (``a`` is the only operand, so the rule only runs with it batched.)"""
+    ``a`` unbatched: the rule of a JVP batched over its tangents only (``jax.jacfwd`` of a
+    gradient), where calling the batched function again would recurse without end."""
+    if not in_batched[0]:
+        out = _expm_forward(a)
+        return out, _all(out, False)
     out = _expm_forward_batched(a)
     flags = _all(out, True)
     return out, (flags[0], flags[1]._replace(degree=False))
-
-
-@_expm_backward_batched.def_vmap
-def _expm_backward_rule(
-    axis_size: int, in_batched: tuple[Any, bool], res: _ExpmResiduals, g: jax.Array
-) -> tuple[tuple[jax.Array], tuple[bool]]:
-    """The stack's backward, unless the degree is batched (not from our forward rule) or no
-    residual is (only the cotangent: ``jax.jacrev``'s basis), where plain vmap keeps every
-    decision unbatched and the residuals unbroadcast. ``in_batched[0]`` is an
-    ``_ExpmResiduals`` of bools."""
-    res_batched, g_batched = in_batched
-    if res_batched.degree or not any(jax.tree_util.tree_leaves(res_batched)):
-        return _vmapped(_expm_backward, axis_size, in_batched, res, g), (True,)
-    degree = res.degree
-    res, g = _stack(axis_size, (res, g), (res_batched._replace(degree=True), g_batched))
-    return _expm_backward_batched(res._replace(degree=degree), g), (True,)
 
 
 @jax.custom_vjp
@@ -677,7 +666,7 @@ def _expm(a: jax.Array) -> jax.Array:
     return cast(jax.Array, _expm_forward_batched(a)[0])
 
 
-_expm.defvjp(_expm_forward_batched, _expm_backward_batched)
+_expm.defvjp(_expm_forward_batched, _expm_backward)
 _expm_jit = jax.jit(_expm)
 
 
@@ -690,10 +679,13 @@ class _TaylorConfig(NamedTuple):
 
     theta: float  # spectral-radius threshold of the degree-18 Taylor polynomial
     max_squarings: int  # squarings always run (masked); the plan's reach is theta * 2^this
+    # Beyond the reach the truncation error grows like (eta / reach)^19; the result is NaN
+    # from where that reaches 2^-9 (u the unit roundoff): eta > reach (2^-9 / u)^(1/19).
+    nan_beyond: float
 
 
-_TAYLOR32 = _TaylorConfig(1.0, 11)
-_TAYLOR64 = _TaylorConfig(0.6, 12)
+_TAYLOR32 = _TaylorConfig(1.0, 11, 2.0**11 * 2.0 ** (15 / 19))  # 3539
+_TAYLOR64 = _TaylorConfig(0.6, 12, 0.6 * 2.0**12 * 2.0 ** (44 / 19))  # 12241
 
 # Bader, Blanes and Casas (2019), "Computing the matrix exponential with an optimized Taylor
 # polynomial approximation", Mathematics 7(12):1174, the degree-18 scheme in 5 products:
@@ -763,7 +755,8 @@ def _expm_static(a: jax.Array) -> jax.Array:
         )
     )
     s = _ceil_log2(eta / cfg.theta, cfg.max_squarings)
-    scale = _pow2(-s, real)
+    # Far beyond the reach, a NaN scale makes the value and its gradient NaN.
+    scale = jnp.where(eta > cfg.nan_beyond, jnp.nan, _pow2(-s, real))
     # A_s^j = 2^{-js} A^j exactly, so the scaling is folded into the powers.
     powers = [_matrix_scalar(scale**j, a.dtype) * p for j, p in ((1, a), (2, a2), (3, a3), (6, a6))]
     # The scheme with its identity terms split off: q9 = c9 I + M9, q6_2 + q9 = c2 I + M2,
