@@ -599,8 +599,8 @@ def test_polar_derivative_matches_the_sylvester_solution(n, k):
     dx = jnp.asarray(np.random.default_rng(6).standard_normal((n, k)))
     exact = _exact_polar_jvp(np.asarray(x), np.asarray(dx))
     polar_jvp = jax.jit(lambda x, dx: jax.jvp(linalg.polar, (x,), (dx,))[1])
-    tangent = polar_jvp(x, dx)  # float64: no bfloat16 phase
-    np.testing.assert_allclose(tangent, exact, rtol=1e-6, atol=1e-6)
+    tangent = polar_jvp(x, dx)  # float64: no bfloat16 phase, one finishing step more
+    np.testing.assert_allclose(tangent, exact, rtol=1e-10, atol=1e-10)
     # float32 with the bfloat16 phase: autodiff through it is accurate to about 1e-2.
     tangent32 = polar_jvp(x.astype(jnp.float32), dx.astype(jnp.float32))
     assert np.abs(np.asarray(tangent32, np.float64) - exact).max() < 3e-2 * np.abs(exact).max()
@@ -610,7 +610,36 @@ def test_polar_derivative_matches_the_sylvester_solution(n, k):
     np.testing.assert_allclose(jnp.sum(grad * dx), jnp.sum(ct * exact), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kappa, bound", [(2.0, 0.06), (10.0, 0.25)])
+def test_polar_float32_gradient_of_a_small_spread_matrix(kappa, bound):
+    # The bfloat16 phase's right factor grows like kappa, its derivative like kappa^2: its
+    # tangents run at full precision (bfloat16 tangents: 3.7% and 34% here).
+    rot = lambda t: np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    x = rot(0.7) @ np.diag([1.0, 1.0 / kappa]) @ rot(0.4)
+    ct = np.array([[1.0, -2.0], [0.5, 1.5]])
+    exact = np.array(
+        [[np.sum(ct * _exact_polar_jvp(x, np.eye(2)[:, [i]] @ np.eye(2)[[j]])) for j in range(2)]
+         for i in range(2)]
+    )  # fmt: skip
+    loss = lambda x: jnp.sum(linalg.polar(x) * jnp.asarray(ct, jnp.float32))
+    g = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(x, jnp.float32)), np.float64)
+    assert np.abs(g - exact).max() < bound * np.abs(exact).max()
+
+
+def test_polar_float64_is_orthogonal_to_its_rounding():
+    q = np.linalg.qr(np.random.default_rng(8).standard_normal((5, 5)))[0]
+    x, _ = _with_singular_values(9, 6, 4, 5.0, jnp.float64)
+    for y, exact in ((jnp.asarray(q), q), (x, None)):
+        p = np.asarray(polar_jit(y))
+        assert np.abs(p.T @ p - np.eye(p.shape[1])).max() < 1e-14
+        if exact is not None:  # an orthogonal matrix is its own polar factor
+            np.testing.assert_allclose(p, exact, atol=1e-14)
+
+
 def test_polar_input_checks():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="finishing_steps"):
+            linalg.polar(jnp.eye(3), finishing_steps=bad)
     with pytest.raises(ValueError, match="tall"):
         linalg.polar(jnp.zeros((2, 3)))
     with pytest.raises(TypeError, match="real floating"):

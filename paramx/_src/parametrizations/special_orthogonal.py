@@ -10,7 +10,8 @@ in the connected component of its base: a rotation never becomes a reflection.
 chart's centre, 0:
 
 * a value already in SO(n) (every entry of ``|QᵀQ - I|`` at most ``10·n·eps`` and ``det > 0``)
-  becomes the base as it is, so it comes back exactly;
+  becomes the base as it is, so it comes back to rounding (the final Newton-Schulz step
+  changes it by at most a few ``eps``);
 * any other value is replaced by its nearest point of SO(n) in the Frobenius norm (see
   :meth:`SpecialOrthogonal.nearest`): with the SVD ``X = U Σ Vᵀ``, it is
   ``U diag(1, ..., 1, det(U Vᵀ)) Vᵀ``, the orthogonal polar factor ``U Vᵀ`` when ``det X > 0``.
