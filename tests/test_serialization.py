@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 import toys
 from flax import serialization, traverse_util
 
@@ -64,6 +65,28 @@ def test_restore_into_a_tree_without_the_registration_is_a_clear_error():
         assert "lacks ['original']" in str(e)
     else:
         raise AssertionError("restoring a mismatched registration did not fail")
+
+
+def test_saved_state_the_target_has_no_place_for_is_a_clear_error():
+    # Restoring used to drop it silently: the model then computed other weights.
+    k = jax.random.normal(jax.random.key(0), (4, 4))
+    cases = [
+        (px.orthogonal({"w": k}, "w"), px.orthogonal({"w": k}, "w", use_trivialization=False)),
+        (px.spectral_norm(px.weight_norm({"w": k}, "w"), "w"), px.weight_norm({"w": k}, "w")),
+        (px.spectral_norm({"w": k}, "w"), px.register_parametrization({"w": k}, "w", jnp.tanh)),
+    ]
+    for saved, target in cases:
+        data = serialization.to_bytes(saved)
+        with pytest.raises(ValueError, match=r"at w .*the saved data has \['state/\d'\]"):
+            serialization.from_bytes(target, data)
+    saved = px.spectral_norm({"w": k}, "w")
+    half, _ = px.split_state(saved)
+    with pytest.raises(ValueError, match="then `split_state`"):
+        serialization.from_bytes(half, serialization.to_bytes(saved))
+    same = serialization.from_bytes(
+        px.spectral_norm({"w": 2 * k}, "w"), serialization.to_bytes(saved)
+    )
+    _assert_same(same, saved)
 
 
 def test_orbax_round_trip_into_a_fresh_target(tmp_path):

@@ -55,12 +55,40 @@ def _from_state_dict(target: Parametrized, state: Any) -> Parametrized:
             f"({', '.join(target.chain_names())}): the saved data lacks {missing}; it has "
             f"{sorted(state)}. Was it saved from a tree with the same registrations?"
         )
+    extra = [k for k in state if k not in (*names, "params", "state")]
+    for part in ("params", "state"):
+        extra += _extra_keys(getattr(target, part), state.get(part, {}), part)
+    if extra:
+        raise ValueError(
+            f"Cannot restore the parametrized tensor at {where} "
+            f"({', '.join(target.chain_names())}): the saved data has {sorted(map(str, extra))}, "
+            f"which this registration does not (they would be dropped: another chain, "
+            f"another option such as use_trivialization, or another link order). Restore "
+            f"into a tree registered as the saved one was"
+            + (
+                " (into the full tree, then `split_state`, if the target is a trainable half)."
+                if not target.state and state.get("state")
+                else "."
+            )
+        )
     originals = tuple(
         serialization.from_state_dict(x, state[n], name=n) for n, x in zip(names, target.originals)
     )
     params = serialization.from_state_dict(target.params, state.get("params", {}), name="params")
     node_state = serialization.from_state_dict(target.state, state.get("state", {}), name="state")
     return target.replace(originals=originals, params=params, state=node_state)
+
+
+def _extra_keys(target: Any, saved: Any, at: str) -> list[str]:
+    """The paths under ``at`` of the nested dicts of ``saved`` that ``target`` lacks."""
+    if not isinstance(saved, Mapping) or not saved:
+        return []
+    if not isinstance(target, Mapping):
+        return [at]
+    out = []
+    for k, v in saved.items():
+        out += [f"{at}/{k}"] if k not in target else _extra_keys(target[k], v, f"{at}/{k}")
+    return out
 
 
 serialization.register_serialization_state(
