@@ -283,3 +283,36 @@ def test_errors_name_the_key_and_the_leaf():
         param_labels(tree, lambda path, leaf: {"original1": "x"} if is_node(leaf) else None)
     with pytest.raises(TypeError, match="labels"):
         param_labels(tree, ["original"])
+
+
+def test_paramx_nnx_layout_and_the_linen_state_collection_have_their_roles():
+    # paramx.nnx keeps originals and state as plain arrays under `parametrizations/<name>/`,
+    # and paramx.linen keeps state in its own collection: they used to be labelled "plain",
+    # so `param_mask(original=False)` let weight decay reach weight norm's g and v.
+    from flax import nnx
+
+    import paramx.nnx as pnx
+
+    model = pnx.weight_norm(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    labels = px.param_labels(nnx.state(model, nnx.Param))
+    assert jax.tree.leaves(labels["parametrizations"]["kernel"]) == ["original", "original"]
+    assert jax.tree.leaves(labels["bias"]) == ["plain"]
+    decay = optax.masked(
+        optax.add_decayed_weights(0.5), functools.partial(px.param_mask, original=False)
+    )
+    opt = nnx.Optimizer(model, optax.chain(decay, optax.sgd(0.1)), wrt=nnx.Param)
+    g = np.asarray(model.parametrizations["kernel"].original0[...])
+    b = model.bias[...] + 1.0
+    model.bias[...] = b
+    opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    np.testing.assert_array_equal(model.parametrizations["kernel"].original0[...], g)
+    assert not np.allclose(model.bias[...], b)  # plain leaves are decayed
+
+    sn = pnx.spectral_norm(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    state = px.param_labels(nnx.state(sn))["parametrizations"]["kernel"]["state"]
+    assert jax.tree.leaves(state) == ["state", "state"]
+
+    wrapped = px.linen.Parametrize(nn.Dense(3), {"kernel": px.SpectralNorm()})
+    variables = wrapped.init(jax.random.key(0), jnp.ones((1, 2), jnp.float32))
+    assert px.param_labels(variables)["paramx_state"]["kernel"]["0"] == {"u": "state", "v": "state"}
+    assert px.param_mask(variables)["paramx_state"]["kernel"]["0"] == {"u": False, "v": False}

@@ -297,7 +297,7 @@ def rows(items: Iterable[Entry], *, health: bool = True) -> list[Row]:
             out.append(_tied_row(e, keys))
             continue
         if not is_node(e.leaf):
-            role, tensor = _layout_role(keys)
+            role, tensor = layout_role(keys)
             module = _module(tensor or keys, e.below_collection)
             r = _row(e.path, e.leaf, role, (), "/".join(map(str, tensor)), e.collection, module)
             if r is not None:
@@ -415,7 +415,7 @@ def _module(keys: Sequence[Any], below_collection: bool) -> str:
     return str(keys[0]) if len(keys) >= 2 else ROOT
 
 
-def _layout_role(keys: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+def layout_role(keys: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
     """The role of a plain array from paramx.nnx's layout in an ``nnx.State``
     (``.../parametrizations/<name>/original``, ``.../params/...``, ``.../state/...``), with
     the path of its tensor; ``("plain", ())`` for anything else."""
@@ -427,6 +427,20 @@ def _layout_role(keys: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
             role = _NNX_ROLES.get(field, "original")
             return role, (*keys[:j], keys[j + 1])
     return "plain", ()
+
+
+def plain_array_role(keys: tuple[Any, ...], variables: bool) -> str:
+    """The role of an array that is not inside a node: ``"state"`` in paramx.linen's state
+    collection of a variables dict (``variables``), else the role of paramx.nnx's layout
+    (:func:`layout_role`), ``"plain"`` for anything else."""
+    if variables and keys and keys[0] == _STATE_COLLECTION:
+        return "state"
+    return layout_role(keys)[0]
+
+
+def is_variables(tree: Any) -> bool:
+    """Whether ``tree`` is a Flax linen variables dict (see ``_is_variables``)."""
+    return _is_variables(tree)
 
 
 def _is_variables(tree: Any) -> bool:

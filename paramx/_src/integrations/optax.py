@@ -31,8 +31,8 @@ from typing import Any
 import jax
 
 from paramx._src.core.node import Parametrized, is_node
-from paramx._src.core.paths import format_path
-from paramx._src.core.table import ROLES, label_node
+from paramx._src.core.paths import format_path, path_keys
+from paramx._src.core.table import ROLES, is_variables, label_node, plain_array_role
 
 DEFAULT_LABELS: dict[str, str] = {role: role for role in ROLES}
 
@@ -103,12 +103,17 @@ def param_labels(tree: Any, labels: Labels = None) -> Any:
         )
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+    variables = is_variables(tree)
     out = []
     for path, leaf in leaves:
         here = names
         if decide is not None:
             here = _decided(decide(path, leaf), names, path, leaf)
-        out.append(_label_leaf(leaf, here))
+        # An array outside a node may still have a role: paramx.nnx's layout keeps originals
+        # and state as plain arrays (`.../parametrizations/kernel/original`), and a linen
+        # variables dict keeps state in its own collection.
+        role = "plain" if is_node(leaf) else plain_array_role(path_keys(path), variables)
+        out.append(_label_leaf(leaf, here, role))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -192,8 +197,8 @@ def _decided(out: Any, names: Mapping[str, Any], path: Any, leaf: Any) -> dict[s
     return table
 
 
-def _label_leaf(leaf: Any, names: Mapping[str, Any]) -> Any:
+def _label_leaf(leaf: Any, names: Mapping[str, Any], role: str = "plain") -> Any:
     if not is_node(leaf):
-        return names["plain"]
+        return names[role]
     node: Parametrized = leaf
     return label_node(node, names)  # the roles are the core's (paramx.table reads them too)
