@@ -142,3 +142,41 @@ def test_errors_name_the_path():
         lipschitz(tree, "plain/kernal")
     with pytest.raises(ValueError, match="iterations"):
         lipschitz(tree, "plain/kernel", iterations=0)
+
+
+def test_reflect_padding_is_refused_where_it_breaks_the_bound():
+    # REFLECT repeats border pixels: an orthogonal BCOP kernel reached 1.80 and an SOC one
+    # 1.26 on an 8 x 8 input while their bound said 1.
+    from paramx import lipschitz as L
+
+    g = L.ConvGeometry(input_size=(8, 8), padding="REFLECT")
+    k = jax.random.normal(jax.random.key(0), (3, 3, 4, 4))
+    for register in (L.bcop, L.soc):
+        with pytest.raises(ValueError, match="REFLECT padding repeats border pixels"):
+            register({"k": k}, "k", geometry=g)
+
+
+def test_a_bound_is_certified_for_the_geometry_the_caller_gives():
+    # A parametrization without its own geometry: the caller's geometry used to be reported
+    # next to a bound that ignored it (AOL under REFLECT: certified 1, measured 2; a Cayley
+    # conv measured under SAME padding or another size).
+    from paramx import lipschitz as L
+
+    shift = jnp.zeros((3, 3, 4, 4), jnp.float32).at[2, 2].set(jnp.eye(4, dtype=jnp.float32))
+    tree = L.aol({"params": {"kernel": shift}}, "params/kernel")
+    reflect = L.ConvGeometry(input_size=(8, 8), padding="REFLECT")
+    for read in (L.lipschitz, L.network_bound):
+        with pytest.raises(ValueError, match=r"does not certify the geometry.*params/kernel"):
+            read(tree, geometry=reflect)
+    same = L.lipschitz(tree, geometry=L.ConvGeometry(input_size=(8, 8)))["params/kernel"]
+    assert float(same.measured) <= float(same.certified)
+    v = jax.random.normal(jax.random.key(1), (8, 8, 4, 4), jnp.float32)
+    cayley = L.cayley_conv({"params": {"kernel": v}}, "params/kernel")
+    for g in (
+        L.ConvGeometry(input_size=(8, 8)),
+        L.ConvGeometry(input_size=(12, 12), padding="CIRCULAR"),
+    ):
+        with pytest.raises(ValueError, match="params/kernel"):
+            L.lipschitz(cayley, geometry=g)
+    ok = L.lipschitz(cayley, geometry=L.ConvGeometry((8, 8), padding="CIRCULAR"))["params/kernel"]
+    assert abs(float(ok.measured) - 1) < 1e-5 and float(ok.certified) >= float(ok.measured)

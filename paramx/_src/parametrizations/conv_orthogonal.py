@@ -7,8 +7,8 @@ Flax checks that the materialized kernel has the shape the Conv declares. So a g
 hold for the operator the declared Conv computes:
 
 * a kernel whose frequency response ``K(w) = sum_o K_o e^{i w.o}`` is unitary (contractive) at
-  EVERY continuous frequency ``w`` gives a 1-Lipschitz conv for every padding, stride and
-  dilation (zero padding is a crop of a circular conv on a larger canvas, a stride
+  EVERY continuous frequency ``w`` gives a 1-Lipschitz conv for every zero or circular padding,
+  stride and dilation (zero padding is a crop of a circular conv on a larger canvas, a stride
   subsamples, a dilation evaluates ``K`` at ``d w``), and an exactly orthogonal conv under
   ``"CIRCULAR"`` padding with stride 1 (norm-preserving when ``out >= in``);
 * a kernel that is unitary only at the ``n`` DFT frequencies of an ``n``-sized input is
@@ -40,15 +40,15 @@ against the 5 that SOC's own series costs on activations, the price of a kernel
 parametrization that Flax's own Conv applies (the kernel itself is cheap: a few small
 kernel-kernel convolutions).
 
-Accuracy and the certified bound. Before the series, ``L`` is rescaled to
-``L * min(1, max_norm / r)``, where ``r`` is a certified upper bound of ``sup_w ||L(w)||``:
-``L(w)`` is normal, so ``||L(w)||^j = ||L^j(w)|| <= sum_o ||(L^j)_o||_F`` for every ``j``, and
-``r`` is the smallest ``j``-th root over the powers the series computes anyway (SOC divides by
-a bound too, always; paramx only when it exceeds ``max_norm``, so a small raw kernel gives a
-conv near the identity). Then every eigenvalue ``iy`` of ``L(w)`` has ``|y| <= max_norm = ρ``,
-and ``|E(iy)| <= 1 + τ`` with ``τ = sum_{j >= terms} ρ^j / j!``; the value is ``E / (1 + τ)``,
-so its frequency response is contractive at every frequency (1-Lipschitz for every padding,
-stride and dilation), and orthogonal to ``2τ`` (circular, stride 1). For ``ρ = 1``:
+Accuracy and the certified bound. Before the series, ``L`` is rescaled to ``L * min(1, max_norm /
+r)``, where ``r`` is a certified upper bound of ``sup_w ||L(w)||``: ``L(w)`` is normal, so
+``||L(w)||^j = ||L^j(w)|| <= sum_o ||(L^j)_o||_F`` for every ``j``, and ``r`` is the smallest
+``j``-th root over the powers the series computes anyway (SOC divides by a bound too, always; paramx
+only when it exceeds ``max_norm``, so a small raw kernel gives a conv near the identity). Then every
+eigenvalue ``iy`` of ``L(w)`` has ``|y| <= max_norm = ρ``, and ``|E(iy)| <= 1 + τ`` with ``τ =
+sum_{j >= terms} ρ^j / j!``; the value is ``E / (1 + τ)``, so its frequency response is contractive
+at every frequency (1-Lipschitz for every zero or circular padding, stride and dilation), and
+orthogonal to ``2τ`` (circular, stride 1). For ``ρ = 1``:
 
 ========  ===========================  ==========================
 terms     declared size (3x3 raw)      τ (max deviation ≤ 2τ)
@@ -225,6 +225,13 @@ def _check_geometry(owner: str, geometry: Any) -> None:
             f"{owner}: geometry must be a paramx.lipschitz.ConvGeometry (the conv's padding, "
             f"strides, dilation and input size, as flax.linen.Conv takes them) or None; got "
             f"{geometry!r} ({type(geometry).__name__})."
+        )
+    if geometry is not None and geometry.padding == "REFLECT":
+        raise ValueError(
+            f"{owner}: REFLECT padding repeats border pixels, so the conv's norm can exceed its "
+            f"kernel's (an orthogonal kernel reached 1.8 on an 8 x 8 input); {owner} is "
+            f"1-Lipschitz for zero (SAME, VALID, explicit) and CIRCULAR padding. Use one of "
+            f"those."
         )
 
 
@@ -410,22 +417,23 @@ def soc_conv(
 class SkewOrthogonalConv:
     """The skew-orthogonal convolution (SOC, Singla & Feizi 2021); register it with :func:`soc`.
 
-    The value is ``E / (1 + τ)`` with ``E = sum_{j < terms} L^j / j!`` the truncated
-    exponential of the skew-adjoint conv ``L = M - M*`` (rescaled so that a certified bound of
-    its norm is at most ``max_norm``) and ``τ`` the certified truncation bound: the frequency
-    response is contractive at every frequency, so the layer is 1-Lipschitz for every padding,
-    stride and dilation, and orthogonal to ``2τ`` under ``"CIRCULAR"`` padding with stride 1
-    (see the module docstring for the table of ``τ``). The declared kernel (the value) has
-    spatial size ``1 + (terms - 1)(k - 1)`` for a raw ``k x k`` kernel (odd ``k``): declare it
-    with :func:`soc_kernel_size`. ``in != out`` is supported (an isometry when ``out >= in``, a
-    projection otherwise). A Dense kernel is the matrix case (``k = 1``, any ``terms``).
+    The value is ``E / (1 + τ)`` with ``E = sum_{j < terms} L^j / j!`` the truncated exponential of
+    the skew-adjoint conv ``L = M - M*`` (rescaled so that a certified bound of its norm is at most
+    ``max_norm``) and ``τ`` the certified truncation bound: the frequency response is contractive at
+    every frequency, so the layer is 1-Lipschitz for every zero or circular padding, stride and
+    dilation, and orthogonal to ``2τ`` under ``"CIRCULAR"`` padding with stride 1 (see the module
+    docstring for the table of ``τ``). The declared kernel (the value) has spatial size
+    ``1 + (terms - 1)(k - 1)`` for a raw ``k x k`` kernel (odd ``k``): declare it with
+    :func:`soc_kernel_size`.
+    ``in != out`` is supported (an isometry when ``out >= in``, a projection otherwise). A Dense
+    kernel is the matrix case (``k = 1``, any ``terms``).
 
     Attributes:
       terms: The number of terms of the series (at least 2); 6 trains well, 10-12 is
         orthogonal to float32 accuracy (a larger declared kernel).
       max_norm: The bound ``ρ`` on ``||L(w)||`` after rescaling: the largest rotation angle.
       geometry: The conv's :class:`~paramx.lipschitz.ConvGeometry`, or None: the bound holds
-        for every padding, stride and dilation, so it is only recorded.
+        for every zero or circular padding, stride and dilation, so it is only recorded.
       name: The display name.
 
     Raises:
@@ -467,8 +475,8 @@ class SkewOrthogonalConv:
     Registers ``SkewOrthogonalConv``: the original (an ``nnx.Param``) is the raw ``k x k``
     kernel, the value the truncated exponential of its skew-adjoint part, a kernel of size
     ``1 + (terms - 1)(k - 1)``: the Conv must declare that size (``soc_kernel_size``). The
-    layer is 1-Lipschitz for every padding and stride, and orthogonal (to the truncation) with
-    ``padding="CIRCULAR"`` and stride 1.
+    layer is 1-Lipschitz for every zero or circular padding and stride, and orthogonal (to the
+    truncation) with ``padding="CIRCULAR"`` and stride 1.
 
     Args:
       module: The module (``nnx.Conv`` with the declared size, or ``nnx.Linear``).
@@ -543,9 +551,10 @@ class SkewOrthogonalConv:
         return _centre(value, self.raw_size(value.shape[:-2]) + value.shape[-2:])
 
     def lipschitz_bound(self, value: jax.Array) -> jax.Array:
-        """A certified bound on the layer's operator norm, for every padding, stride and
-        dilation: 1 plus the rounding slack (``2e-5`` for a float32 computation, ``1e-12`` for
-        float64, plus a bound on the rounding of a narrower value such as bfloat16)."""
+        """A certified bound on the layer's operator norm, for every zero or circular padding,
+        stride and dilation: 1 plus the rounding slack (``2e-5`` for a float32 computation,
+        ``1e-12`` for float64, plus a bound on the rounding of a narrower value such as
+        bfloat16)."""
         _check_kernel(_SOC, value)
         return 1 + _dtype_slack(value)
 
@@ -560,8 +569,8 @@ def soc(
     batch_axes: int = 0,
 ) -> Any:
     """Registers :class:`SkewOrthogonalConv`: the selected kernels become skew-orthogonal
-    convolutions (1-Lipschitz for every padding and stride; orthogonal, to the truncation of the
-    series, for circular padding and stride 1).
+    convolutions (1-Lipschitz for every zero or circular padding and stride; orthogonal, to the
+    truncation of the series, for circular padding and stride 1).
 
     The Conv must declare the kernel size ``1 + (terms - 1)(k - 1)`` for a raw ``k x k`` kernel
     (:func:`soc_kernel_size`); the raw kernel is registered from the centre ``k x k`` taps of
@@ -604,7 +613,7 @@ def soc(
 _CAYLEY = "CayleyConv"
 _ALTERNATIVES = (
     "Use SkewOrthogonalConv (paramx soc), whose kernels are contractive at every frequency, "
-    "so 1-Lipschitz for every padding, stride and dilation."
+    "so 1-Lipschitz for every zero or circular padding, stride and dilation."
 )
 
 
@@ -916,15 +925,15 @@ class BlockOrthogonalConv:
     """Block convolution orthogonal parametrization (BCOP, Li et al. 2019); register it with
     :func:`bcop`.
 
-    The kernel is an orthogonal matrix composed with ``k - 1`` two-tap convolutions
-    ``[P, I - P]`` along each spatial axis, each ``P = Q Qᵀ`` an orthogonal projector of rank
-    ``c // 2`` (``c = max(in, out)``); every factor has a unitary frequency response at EVERY
-    frequency, so the ``k x k`` kernel does too: a 1-Lipschitz layer for every padding, stride
-    and dilation, exactly orthogonal (``in == out``) or an isometry (``out > in``) under
-    ``"CIRCULAR"`` padding with stride 1, with the kernel size the Conv declares (any size,
-    even ones included: the composed kernel is a shifted one, and a shift is orthogonal). The
-    orthogonal matrices are paramx's ``orthogonal`` (without a base: the matrix exponential
-    for the square ``in == out`` matrix, Householder products for the projectors' ``Q``).
+    The kernel is an orthogonal matrix composed with ``k - 1`` two-tap convolutions ``[P, I - P]``
+    along each spatial axis, each ``P = Q Qᵀ`` an orthogonal projector of rank ``c // 2`` (``c =
+    max(in, out)``); every factor has a unitary frequency response at EVERY frequency, so the ``k x
+    k`` kernel does too: a 1-Lipschitz layer for every zero or circular padding, stride and
+    dilation, exactly orthogonal (``in == out``) or an isometry (``out > in``) under ``"CIRCULAR"``
+    padding with stride 1, with the kernel size the Conv declares (any size, even ones included: the
+    composed kernel is a shifted one, and a shift is orthogonal). The orthogonal matrices are
+    paramx's ``orthogonal`` (without a base: the matrix exponential for the square ``in == out``
+    matrix, Householder products for the projectors' ``Q``).
 
     Originals: the matrix ``(in, out)`` and one stack ``(k_a - 1, c, c // 2)`` of projector
     factors per spatial axis. There is no exact ``right_inverse`` (a kernel is not factored):
@@ -934,7 +943,7 @@ class BlockOrthogonalConv:
 
     Attributes:
       geometry: The conv's :class:`~paramx.lipschitz.ConvGeometry`, or None: the bound holds
-        for every padding, stride and dilation, so it is only recorded.
+        for every zero or circular padding, stride and dilation, so it is only recorded.
       name: The display name.
 
     Examples:
@@ -965,8 +974,8 @@ class BlockOrthogonalConv:
 
     Registers ``BlockOrthogonalConv``: the originals (``nnx.Param``) are an orthogonal
     matrix's and the projectors' raw factors; the kernel keeps the Conv's declared size and has
-    a unitary response at every frequency: 1-Lipschitz for every padding and stride, orthogonal
-    with ``padding="CIRCULAR"`` and stride 1.
+    a unitary response at every frequency: 1-Lipschitz for every zero or circular padding and
+    stride, orthogonal with ``padding="CIRCULAR"`` and stride 1.
 
     Args:
       module: The module (``nnx.Conv``, or ``nnx.Linear``: an orthogonal matrix).
@@ -1019,16 +1028,16 @@ class BlockOrthogonalConv:
         return tuple(out)
 
     def lipschitz_bound(self, value: jax.Array) -> jax.Array:
-        """A certified bound on the layer's operator norm, for every padding, stride and
-        dilation: 1 plus the rounding slack (see :class:`SkewOrthogonalConv`)."""
+        """A certified bound on the layer's operator norm, for every zero or circular padding,
+        stride and dilation: 1 plus the rounding slack (see :class:`SkewOrthogonalConv`)."""
         _check_kernel(_BCOP, value)
         return 1 + _dtype_slack(value)
 
 
 def bcop(tree: Any, where: Any, *, geometry: Any = None, batch_axes: int = 0) -> Any:
     """Registers :class:`BlockOrthogonalConv`: the selected kernels become block-convolution
-    orthogonal kernels of their declared size (1-Lipschitz for every padding and stride;
-    orthogonal for circular padding and stride 1).
+    orthogonal kernels of their declared size (1-Lipschitz for every zero or circular padding and
+    stride; orthogonal for circular padding and stride 1).
 
     Args:
       tree: The tree to register on.

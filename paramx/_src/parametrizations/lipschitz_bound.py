@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -195,6 +195,8 @@ def _read(
     certified_by = measured_by = None
     bound_fn = getattr(chain[-1], "lipschitz_bound", None) if chain else None
     try:
+        if callable(bound_fn) and g is not None and _geometry_for(path, chain, None) is None:
+            bound_fn = _bound_for_geometry(chain[-1], g)
         if callable(bound_fn):
             certified = _stacked(bound_fn, n_stack)(value)
             certified_by = "parametrization"
@@ -223,6 +225,24 @@ def _read(
         chain=names,
         shape=one_shape,
     )
+
+
+def _bound_for_geometry(p: Any, g: ConvGeometry) -> Callable[[jax.Array], Any]:
+    """The ``lipschitz_bound`` of ``p`` for the caller's geometry ``g`` (``p`` carries none):
+    the bound of ``p`` with ``g`` as its geometry, so that ``p``'s own checks (a padding it
+    cannot certify, a Cayley conv's circular padding and size) run on it. A parametrization
+    without a ``geometry`` field certifies every geometry itself."""
+    if not dataclasses.is_dataclass(p) or "geometry" not in {
+        f.name for f in dataclasses.fields(p)
+    }:
+        return cast(Callable[[jax.Array], Any], p.lipschitz_bound)
+    try:
+        with_g = dataclasses.replace(p, geometry=g)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"the kernel's parametrization does not certify the geometry given for it: {e}"
+        ) from None
+    return cast(Callable[[jax.Array], Any], with_g.lipschitz_bound)
 
 
 def _selected(tree: Any, where: Any) -> list[tuple[str, Any]]:
