@@ -365,3 +365,18 @@ def test_bfloat16_runs_and_the_bound_covers_its_rounding():
     c = _cayley_value(_kernel(1, (8, 8, 4, 4), 1.0, jnp.bfloat16), raw)
     assert c.dtype == jnp.bfloat16
     assert float(CayleyConv(CIRC).lipschitz_bound(c)) >= _circular_norm(c) > 0.95
+
+
+def test_option_and_channel_errors_say_what_is_wrong():
+    from paramx import lipschitz as L
+
+    # SOC's max_norm is a rotation bound, not an eps floor (the message used to say "eps").
+    with pytest.raises(ValueError, match="largest rotation angle"):
+        L.soc({"k": jnp.ones((11, 11, 4, 4), jnp.float32)}, "k", max_norm=0)
+    # One channel: BCOP's projectors have rank 0 and the kernel came out 1 x 1, refused as
+    # a shape change with advice to pass unsafe=True.
+    k = jax.random.normal(jax.random.key(0), (3, 3, 1, 1), jnp.float32)
+    with pytest.raises(ValueError, match="one channel in and out.*at k"):
+        L.bcop({"k": k}, "k")
+    one = L.bcop({"k": k[:1, :1]}, "k")
+    assert px.materialize(one)["k"].shape == (1, 1, 1, 1)

@@ -507,7 +507,13 @@ class SkewOrthogonalConv:
                 f"6 trains well; 10-12 is orthogonal to float32 accuracy."
             )
         object.__setattr__(self, "terms", terms)
-        rho = numerics.option_positive_float(_SOC, "max_norm", self.max_norm)
+        rho = numerics.option_positive_float(
+            _SOC,
+            "max_norm",
+            self.max_norm,
+            why="It bounds the skew conv's norm, the largest rotation angle of the series "
+            "(default 1.0; the truncation bound of the table in the module notes grows with it).",
+        )
         object.__setattr__(self, "max_norm", rho)
         _check_geometry(_SOC, self.geometry)
         numerics.option_name(_SOC, self.name)
@@ -1016,6 +1022,13 @@ class BlockOrthogonalConv:
         nd = value.ndim - 2
         cin, cout = value.shape[-2:]
         c = max(cin, cout)
+        if c < 2 and any(n > 1 for n in value.shape[:nd]):
+            raise ValueError(
+                f"{_BCOP}: a kernel of shape {list(value.shape)} has one channel in and out; "
+                f"BCOP's projectors have rank max(in, out) // 2 = 0 there, so it can only make "
+                f"a 1 x 1 kernel. Give the conv at least 2 channels, a 1 x 1 kernel, or use "
+                f"SkewOrthogonalConv (paramx soc)."
+            )
         h = jnp.sum(value, axis=tuple(range(nd))) if nd else value
         flat = value.reshape(-1)
         out: list[jax.Array] = [h]

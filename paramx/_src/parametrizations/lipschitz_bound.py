@@ -232,9 +232,7 @@ def _bound_for_geometry(p: Any, g: ConvGeometry) -> Callable[[jax.Array], Any]:
     the bound of ``p`` with ``g`` as its geometry, so that ``p``'s own checks (a padding it
     cannot certify, a Cayley conv's circular padding and size) run on it. A parametrization
     without a ``geometry`` field certifies every geometry itself."""
-    if not dataclasses.is_dataclass(p) or "geometry" not in {
-        f.name for f in dataclasses.fields(p)
-    }:
+    if not dataclasses.is_dataclass(p) or "geometry" not in {f.name for f in dataclasses.fields(p)}:
         return cast(Callable[[jax.Array], Any], p.lipschitz_bound)
     try:
         with_g = dataclasses.replace(p, geometry=g)

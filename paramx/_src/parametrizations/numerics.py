@@ -176,8 +176,15 @@ def option_bool(owner: str, name: str, value: Any) -> bool:
     )
 
 
-def option_positive_float(owner: str, name: str, value: Any) -> float:
-    """A positive, finite real number, as a Python float."""
+_EPS_WHY = (
+    "It is the floor of the norms it divides by: {name}=0 gives 0/0 = NaN for a zero tensor. "
+    "The default is 1e-12, as in torch."
+)
+
+
+def option_positive_float(owner: str, name: str, value: Any, why: str = _EPS_WHY) -> float:
+    """A positive, finite real number, as a Python float; ``why`` says what the option is
+    (default: an ``eps`` floor)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool | jax.Array):
         raise TypeError(
             f"{owner}: {name} must be a positive real number; got {value!r} "
@@ -186,9 +193,8 @@ def option_positive_float(owner: str, name: str, value: Any) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(
-            f"{owner}: {name} must be positive and finite; got {name}={value}. It is the floor of "
-            f"the norms it divides by: {name}=0 gives 0/0 = NaN for a zero tensor. The default is "
-            f"1e-12, as in torch."
+            f"{owner}: {name} must be positive and finite; got {name}={value}. "
+            + why.format(name=name)
         )
     return value
 
