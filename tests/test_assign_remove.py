@@ -1,5 +1,7 @@
 """assign (torch's `module.weight = X`) and remove_parametrizations."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -196,3 +198,20 @@ def test_remove_a_dtype_changing_chain():
         {"w": jnp.ones(2, jnp.float32)}, "w", lambda x: x.astype(jnp.bfloat16), unsafe=True
     )
     assert px.remove_parametrizations(tree, "w")["w"].dtype == jnp.bfloat16
+
+
+def test_assigning_through_an_initialization_only_right_inverse_warns():
+    # BCOP's and SOC's right_inverse seed the originals from the value: the tensor then holds
+    # another kernel (0.65 away here), which used to happen without a word.
+    from paramx import lipschitz as L
+
+    k = jax.random.normal(jax.random.key(0), (3, 3, 4, 4), jnp.float32)
+    tree = L.bcop({"k": k}, "k")
+    target = px.materialize(L.bcop({"k": 2 * k}, "k"))["k"]
+    with pytest.warns(UserWarning, match="right_inverse of bcop is an initialization"):
+        out = px.assign(tree, "k", target)
+    assert float(jnp.abs(px.materialize(out)["k"] - target).max()) > 1e-3
+    exact = px.orthogonal({"w": jnp.eye(3, dtype=jnp.float32)}, "w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        px.assign(exact, "w", jnp.eye(3, dtype=jnp.float32))

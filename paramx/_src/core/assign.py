@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -96,6 +97,16 @@ def assign_tensor(node: Parametrized, value: Any, *, label: str = "<tensor>") ->
 
 def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
     checks.check_value(node.chain[-1], value, where_s)
+    inexact = [
+        pz.display_name(p) for p in node.chain if getattr(p, "right_inverse_exact", True) is False
+    ]
+    if inexact:
+        warnings.warn(
+            f"Assigning to {where_s}: the right_inverse of {', '.join(inexact)} is an "
+            f"initialization, not an inverse, so the tensor will not hold the assigned value "
+            f"(materialize it to see what it holds).",
+            stacklevel=3,
+        )
     with checks.at_path(where_s):
         work = functools.partial(_assign_one, where_s=where_s)
         out: Parametrized = sharding.run_auto(work, node, value)
