@@ -442,3 +442,22 @@ def test_export_for_serving_is_the_plain_models_tree():
     exported = px.materialize(v["params"], v["paramx_state"])  # the same, in one call
     for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(served)):
         assert np.array_equal(a, b)
+
+
+def test_a_link_without_state_needs_no_mutable_state_collection():
+    # ConvSpectralNorm's gram method has an update_state method but no state: a training
+    # call used to demand a mutable 'paramx_state' collection that does not exist.
+    from paramx import lipschitz as L
+
+    rule = L.ConvSpectralNorm(L.ConvGeometry(input_size=(8, 8)), method="gram")
+    model = px.linen.Parametrize(nn.Conv(4, (3, 3)), {"kernel": rule}, use_running_average=False)
+    x = jnp.ones((1, 8, 8, 4), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    assert list(variables) == ["params"]
+    assert model.apply(variables, x).shape == x.shape
+    stateful = px.linen.Parametrize(
+        nn.Dense(3), {"kernel": px.SpectralNorm()}, use_running_average=False
+    )
+    v = stateful.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="immutable"):
+        stateful.apply(v, X)

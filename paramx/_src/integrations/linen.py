@@ -120,8 +120,14 @@ def _nodes(tree: Any) -> list[Parametrized]:
 
 
 def _updates_state(tree: Any) -> bool:
-    """Whether any link of any node in ``tree`` has an ``update_state`` to run."""
-    return any(pz.update_state_fn(p) is not None for n in _nodes(tree) for p in n.chain)
+    """Whether a training step would update any state of ``tree`` (nodes holding their state):
+    a link with an ``update_state`` and state of its own (the chain runs no other; a stateless
+    method such as ``ConvSpectralNorm(method="gram")`` has the method but no state)."""
+    return any(
+        pz.update_state_fn(p) is not None and str(i) in n.state
+        for n in _nodes(tree)
+        for i, p in enumerate(n.chain)
+    )
 
 
 def _takes_flag(module: nn.Module) -> bool:
@@ -513,13 +519,13 @@ class Parametrize(nn.Module):
         return nn.merge_param(_FLAG, attribute, at_call)
 
     @nn.nowrap
-    def _should_update(self, flag: bool | None, raw: Any) -> bool:
+    def _should_update(self, flag: bool | None, tree: Any) -> bool:
         if self.is_initializing():
             return False  # registration already ran the warm-up
         scol = self.state_collection
         mutable = self.is_mutable_collection(scol)
         if flag is None:
-            if mutable and _updates_state(raw):
+            if mutable and _updates_state(tree):
                 raise ValueError(
                     f"{self._where()}: the state collection '{scol}' is mutable in this call, "
                     f"but nothing says whether it is a training step (update the state: one "
@@ -530,7 +536,7 @@ class Parametrize(nn.Module):
                     f"(layer(x, use_running_average=not train))."
                 )
             return False
-        if flag or not _updates_state(raw):
+        if flag or not _updates_state(tree):
             return False
         if not mutable:
             raise ValueError(
@@ -680,11 +686,11 @@ class Parametrize(nn.Module):
             else:
                 self._check_not_arrays(raw)
                 registered = raw
-            update = self._should_update(flag, registered)
+            tree = merge_state(registered, state)
+            update = self._should_update(flag, tree)
             plain = memo.get(leaves, update)
             if plain is not None:
                 return {**cols, col: plain, scol: state}
-            tree = merge_state(registered, state)
             try:
                 if update:
                     plain, new_state = materialize(tree, update_state=True)
