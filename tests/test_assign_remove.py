@@ -215,3 +215,15 @@ def test_assigning_through_an_initialization_only_right_inverse_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         px.assign(exact, "w", jnp.eye(3, dtype=jnp.float32))
+
+
+def test_a_value_of_another_shape_is_named_with_the_tensors_shape():
+    # A torch weight (out, in) assigned to a Flax kernel (in, out): the messages spoke of the
+    # originals' shapes (weight norm, suggesting unsafe=True) or repeated the value's shape as
+    # the expected one (spectral norm).
+    for register in (px.spectral_norm, px.weight_norm, px.orthogonal):
+        tree = register({"k": jnp.ones((3, 4), jnp.float32)}, "k")
+        with pytest.raises(ValueError, match=r"(?s)tensor at k has shape \(3, 4\).*swapped"):
+            px.assign(tree, "k", jnp.ones((4, 3), jnp.float32))
+        with pytest.raises(ValueError, match=r"tensor at k has shape \(3, 4\).*float32\[5\]"):
+            px.assign(tree, "k", jnp.ones((5,), jnp.float32))

@@ -95,6 +95,16 @@ def assign_tensor(node: Parametrized, value: Any, *, label: str = "<tensor>") ->
     return _assign_node(node, jnp.asarray(value), label)
 
 
+def _tensor_shape(node: Parametrized, where_s: str) -> tuple[int, ...] | None:
+    """The shape of the tensor a (safe) node holds, found abstractly; None if its chain cannot
+    run here (a trainable half without its state)."""
+    try:
+        out = jax.eval_shape(lambda n: ch.node_value(n, update_state=False, where=where_s)[0], node)
+    except Exception:  # the right_inverse below reports any real problem
+        return None
+    return tuple(out.shape)
+
+
 def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
     checks.check_value(node.chain[-1], value, where_s)
     inexact = [
@@ -107,10 +117,35 @@ def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
             f"(materialize it to see what it holds).",
             stacklevel=3,
         )
-    with checks.at_path(where_s):
-        work = functools.partial(_assign_one, where_s=where_s)
-        out: Parametrized = sharding.run_auto(work, node, value)
+    try:
+        with checks.at_path(where_s):
+            work = functools.partial(_assign_one, where_s=where_s)
+            out: Parametrized = sharding.run_auto(work, node, value)
+    except ValueError as e:
+        note = _shape_note(node, value, where_s)
+        if note is None:
+            raise
+        raise ValueError(f"{e}\n{note}") from e
     return out
+
+
+def _shape_note(node: Parametrized, value: Any, where_s: str) -> str | None:
+    """What to say when ``value`` does not have the shape of the tensor at ``where_s`` (a
+    torch weight in Flax's place, say); None when it does, or the shape cannot be told."""
+    want = None if node.unsafe else _tensor_shape(node, where_s)
+    if want is None or tuple(value.shape) == want:
+        return None
+    hint = ""
+    if value.ndim == len(want) >= 2 and tuple(value.shape) == (*want[:-2], want[-1], want[-2]):
+        hint = (
+            " It is the tensor's shape with the last two axes swapped: paramx keeps Flax's "
+            "layout, a Dense kernel is (in, out) where torch's weight is (out, in); transpose "
+            "a torch weight (`w.T`) first."
+        )
+    return (
+        f"The tensor at {where_s} has shape {want}, the assigned value "
+        f"{checks.describe(value)}.{hint} Pass a value of the tensor's shape."
+    )
 
 
 def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:

@@ -279,7 +279,8 @@ class SpectralNorm:
                 raise ValueError(
                     f"Expected a tensor whose matrix (the output axis dim={self.dim}, then the "
                     f"rest flattened) is {h} x {w}, the registered tensor's. Got a tensor of "
-                    f"shape {tuple(value.shape)}. Assign a value of the tensor's own shape."
+                    f"shape {tuple(value.shape)}, whose matrix is {out} x {size // (out or 1)}. "
+                    f"Assign a value of the tensor's own shape."
                 )
         return value, state
 
