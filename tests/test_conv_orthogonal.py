@@ -380,3 +380,17 @@ def test_option_and_channel_errors_say_what_is_wrong():
         L.bcop({"k": k}, "k")
     one = L.bcop({"k": k[:1, :1]}, "k")
     assert px.materialize(one)["k"].shape == (1, 1, 1, 1)
+
+
+def test_cayley_conv_of_a_one_tap_single_channel_kernel():
+    # XLA:CPU's FFT of a one-element array fails a layout check (it crashed the process's
+    # computation with a RET_CHECK); one tap needs no DFT.
+    from paramx import lipschitz as L
+
+    for shape in [(1, 1), (1, 1, 1), (1, 1, 1, 1)]:
+        k = -jnp.ones(shape, jnp.float32)
+        tree = L.cayley_conv({"k": k}, "k")
+        params, state = px.split_state(tree)
+        np.testing.assert_allclose(np.abs(px.materialize(tree)["k"]), 1.0, atol=1e-6)
+        g = jax.grad(lambda p, state=state: jnp.sum(px.materialize(p, state)["k"]))(params)
+        assert bool(jnp.all(jnp.isfinite(g["k"].originals[0])))

@@ -643,11 +643,16 @@ def _spectrum(k: jax.Array) -> jax.Array:
     """The (half) DFT of a kernel's circular filter, (…, in, out) matrices, at each frequency
     (the conjugate of the response ``sum_o K_o e^{i w.o}``: unitary at the same frequencies)."""
     nd = k.ndim - 2
+    if math.prod(k.shape[:nd]) == 1:  # one tap: the DFT is the identity (XLA:CPU's FFT of a
+        # one-element array fails a layout check: 1 x 1 single-channel kernels)
+        return lax.complex(k, jnp.zeros_like(k))
     return jnp.fft.rfftn(_to_filter(k), axes=tuple(range(nd)))
 
 
 def _kernel_of(spectrum: jax.Array, size: tuple[int, ...]) -> jax.Array:
     nd = len(size)
+    if math.prod(size) == 1:  # as in _spectrum
+        return jnp.real(spectrum)
     return _from_filter(jnp.fft.irfftn(spectrum, s=size, axes=tuple(range(nd))))
 
 
