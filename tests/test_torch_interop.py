@@ -832,3 +832,34 @@ def test_live_torch_loads_what_an_nnx_model_writes(case):
     fresh.eval()
     with torch.no_grad():
         np.testing.assert_array_equal(fresh(x_t).numpy(), y_t)
+
+
+def test_a_plain_tie_is_torchs_shared_parameter_both_ways():
+    # torch's state_dict lists a shared weight under each name: the tied key used to be left
+    # out on writing (a strict load failed) and have no place on reading.
+    from paramx import interop
+
+    k = jax.random.normal(jax.random.key(0), (4, 4), jnp.float32)
+    tree = {"a": {"kernel": k, "bias": jnp.zeros(4, jnp.float32)}, "b": {"kernel": k}}
+    tree = px.tie(tree, "b/kernel", "a/kernel")
+    sd = interop.to_torch_state_dict(tree)
+    assert sorted(sd) == ["a.bias", "a.weight", "b.weight"]
+    np.testing.assert_array_equal(sd["a.weight"], sd["b.weight"])
+    doubled = {key: 2 * v for key, v in sd.items()}
+    back = interop.from_torch_state_dict(doubled, tree)
+    assert px.ties(back) == {"b/kernel": "a/kernel"}
+    np.testing.assert_allclose(px.materialize(back)["b"]["kernel"], 2 * k)
+    doubled["b.weight"] = doubled["b.weight"] + 1
+    with pytest.raises(ValueError, match="b/kernel is tied to a/kernel.*other values"):
+        interop.from_torch_state_dict(doubled, tree)
+    # A tie through a transform, or to a computed (parametrized) value, has no torch form.
+    through = px.tie(
+        {"a": {"kernel": k}, "b": {"kernel": k}}, "b/kernel", "a/kernel", transform=jnp.transpose
+    )
+    with pytest.raises(ValueError, match="through transpose.*paramx.untie"):
+        interop.to_torch_state_dict(through)
+    computed = px.tie(
+        px.orthogonal({"a": {"kernel": k}, "b": {"kernel": k}}, "a/kernel"), "b/kernel", "a/kernel"
+    )
+    with pytest.raises(ValueError, match="parametrized tensor at a/kernel"):
+        interop.to_torch_state_dict(computed)

@@ -433,6 +433,65 @@ def fill(plain: Any, value_of: Callable[[Keys, Any], Any] | None = None) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def fill_shared(tree: Any, doing: str) -> Any:
+    """``tree`` with each tied leaf replaced by its source's own array, when every tie is a
+    plain share (no transform, a source that is an array, not a parametrized tensor): torch's
+    shared ``nn.Parameter``, which its ``state_dict`` lists under each name. Else a ValueError
+    naming the tied leaf, for ``doing``."""
+    if not has_ties(tree):
+        return tree
+    for keys, _, leaf in _flat(tree)[0]:
+        if is_tied(leaf) and leaf.transform is not None:
+            raise ValueError(
+                f"{doing}: the leaf at {paths._show_keys(keys)} is tied to "
+                f"{paths._show_keys(leaf.source_keys(keys))} through {_fn_name(leaf.transform)}; "
+                f"torch shares parameters, not values through a transform. Untie it first "
+                f"(`paramx.untie(tree, {paths._show_keys(keys)!r})`) to give it its own array."
+            )
+
+    def value_of(keys: Keys, leaf: Any) -> Any:
+        if is_node(leaf):
+            raise ValueError(
+                f"{doing}: a leaf is tied to the parametrized tensor at {paths._show_keys(keys)}, "
+                f"whose value is computed; torch shares raw parameters. Untie the tied leaf "
+                f"first (`paramx.untie`) to give it its own array."
+            )
+        return leaf
+
+    return fill(tree, value_of)
+
+
+def restore_ties(template: Any, filled: Any, read: Any, doing: str) -> Any:
+    """The ties of ``template`` put back into ``read``: ``filled`` is ``template`` after
+    :func:`fill_shared`, ``read`` that tree with the arrays a reader replaced. A tied leaf whose
+    array was read must hold its source's (torch's shared parameter); else a ValueError."""
+    if not has_ties(template):
+        return read
+    t_flat, treedef = _flat(template)
+    f_flat, r_flat = _flat(filled)[0], _flat(read)[0]
+    index = {keys: i for i, (keys, _, _) in enumerate(t_flat)}
+    out = []
+    for i, (keys, box, leaf) in enumerate(t_flat):
+        if not is_tied(leaf):
+            out.append(paths.rebox(r_flat[i][1], r_flat[i][2]))
+            continue
+        src, seen = leaf.source_keys(keys), {keys}
+        while is_tied(t_flat[index[src]][2]) and src not in seen:
+            seen.add(src)
+            src = t_flat[index[src]][2].source_keys(src)
+        value, source_value = r_flat[i][2], r_flat[index[src]][2]
+        if value is not f_flat[i][2] and not np.array_equal(
+            np.asarray(value), np.asarray(source_value)
+        ):
+            raise ValueError(
+                f"{doing}: the leaf at {paths._show_keys(keys)} is tied to "
+                f"{paths._show_keys(src)} (paramx.tie), but the checkpoint holds other values for "
+                f"them. Untie the template (`paramx.untie`) to read them apart."
+            )
+        out.append(paths.rebox(box, leaf))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def untie(tree: Any, where: paths.Where | None = None) -> Any:
     """Gives tied leaves their own array again: the current tied value; returns a new tree.
 

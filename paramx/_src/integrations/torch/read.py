@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paramx._src.core import paths
+from paramx._src.core import paths, tie
 from paramx._src.core.node import is_node
 from paramx._src.integrations.torch.keys import PARAMETRIZATIONS, ModuleMap, Names
 from paramx._src.integrations.torch.layouts import check_layouts
@@ -345,12 +345,14 @@ def from_torch_state_dict(
         view = nnx_view(template, doing="from_torch_state_dict")
         names_auto, tree, renames = view.auto, view.tree, view.renames
     else:
-        tree, renames = template, None
+        # A plain tie is torch's shared parameter: its key is read, and must hold the source's.
+        tree, renames = tie.fill_shared(template, "from_torch_state_dict"), None
     names = Names(modules, names_auto)
     match = match_keys(state_dict, tree, names, check_layouts(layouts), renames, strict=strict)
     report = finish(match, names, strict=strict, warn=not return_report)
     if view is not None:
         result = nnx_state(view, match.tensors, new_leaves(match))
     else:
-        result = paths.replace_leaves(template, new_leaves(match))
+        read = paths.replace_leaves(tree, new_leaves(match))
+        result = tie.restore_ties(template, tree, read, "from_torch_state_dict")
     return (result, report) if return_report else result

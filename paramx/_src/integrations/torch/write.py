@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from paramx._src.core import tie
 from paramx._src.integrations.torch.keys import ModuleMap, Names
 from paramx._src.integrations.torch.layouts import check_layouts
 from paramx._src.integrations.torch.nnx import is_nnx, nnx_view
@@ -94,6 +95,9 @@ def to_torch_state_dict(
     if is_nnx(tree):
         view = nnx_view(tree, doing="to_torch_state_dict")
         names_auto, tree, renames = view.auto, view.tree, view.renames
+    else:
+        # A plain tie is torch's shared parameter, listed under each of its names.
+        tree = tie.fill_shared(tree, "to_torch_state_dict")
     names = Names(modules, names_auto)
     out: dict[str, np.ndarray] = {}
     for t in tensors(tree, names, check_layouts(layouts), renames):
