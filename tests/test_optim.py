@@ -321,3 +321,30 @@ def test_nnx_optimizer_state_survives_remove_parametrizations():
     assert int(new_opt.opt_state[0].count.get_value()) == 1
     with STANDARD:
         new_opt.update(model, nnx.grad(lambda m: m(jnp.ones((2, 3), F32)).sum())(model))
+
+
+def test_tags_see_nested_nnx_registrations_and_nnx_state():
+    # A registration on a paramx.nnx original nests `parametrizations` twice; `named` matched
+    # the inner name only. A full nnx.state holds ParametrizationState arrays, which masks
+    # must never select; they counted as plain arrays.
+    from flax import nnx
+
+    import paramx.nnx as pnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 3, rngs=rngs)
+            self.b = pnx.spectral_norm(nnx.Linear(3, 3, rngs=rngs))
+
+    model = Model(nnx.Rngs(0))
+    double = px.Parametrization(forward=lambda x: 2 * x, right_inverse=lambda x: x / 2)
+    pnx.register_parametrization(model.b.parametrizations["kernel"], "original", double)
+    frozen = px.optim.tags(nnx.state(model, nnx.Param), {"frozen": px.optim.named("kernel")})
+    assert frozen.paths("frozen") == [
+        "a/kernel",
+        "b/parametrizations/kernel/parametrizations/original/original",
+    ]
+    full = px.optim.tags(nnx.state(model), {"nd": px.optim.biases})
+    assert "2 of state" in repr(full)
+    state = full.mask("nd", invert=True)["b"]["parametrizations"]["kernel"]["state"]
+    assert jax.tree.leaves(state) == [False, False]

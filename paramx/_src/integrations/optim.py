@@ -33,6 +33,7 @@ from jax.tree_util import GetAttrKey
 
 from paramx._src.core import paths
 from paramx._src.core.node import is_node
+from paramx._src.core.table import is_variables, plain_array_role
 
 Rule = str | Sequence[Any] | Callable[[tuple[Any, ...], Any], bool]
 
@@ -80,7 +81,7 @@ def tensor_keys(path: tuple[Any, ...]) -> tuple[Any, ...]:
     while keys and keys[-1] in ("value", "raw_value") and isinstance(path[-1], GetAttrKey):
         keys.pop()
         path = path[:-1]
-    for i in range(len(keys) - 2, -1, -1):
+    for i in range(len(keys) - 1):  # the outermost: a registration on an original nests one
         if keys[i] == _NNX_CONTAINER:
             return (*keys[:i], keys[i + 1])
     return tuple(keys)
@@ -225,10 +226,16 @@ def _arrays(tree: Any) -> tuple[list[_Array], list[tuple[Any, Any]], Any]:
     items = paths.leaves_with_paths(tree)
     boxed = jax.tree_util.tree_flatten_with_path(tree, is_leaf=paths._is_leaf)[0]
     arrays: list[_Array] = []
+    variables = is_variables(tree)
     for i, (item_path, item) in enumerate(boxed):
+        node = is_node(paths.unbox(item)[1])
         for sub, _ in jax.tree_util.tree_flatten_with_path(item)[0]:
-            state = is_node(paths.unbox(item)[1]) and _under_state(sub)
-            arrays.append(_Array(tuple(item_path) + tuple(sub), i, state))
+            path = tuple(item_path) + tuple(sub)
+            if node:
+                state = _under_state(sub)
+            else:  # paramx.nnx's state arrays, a linen variables dict's state collection
+                state = plain_array_role(paths.path_keys(path), variables) == "state"
+            arrays.append(_Array(path, i, state))
     treedef = jax.tree_util.tree_structure(tree)
     return arrays, items, treedef
 
