@@ -196,3 +196,17 @@ def test_the_fft_bound_is_above_the_float64_norm():
             w = px.materialize(tree)["k"]
             bound = float(lipschitz(tree)["k"].certified)
             assert bound >= float(csn._exact_circular(w.astype(jnp.float64), g)), (seed, dtype)
+
+
+def test_linen_variables_are_read_with_their_state_collection():
+    # A stateful method (power iteration) needs its state: a variables dict used to fail
+    # with advice about materialize, which lipschitz() has no argument for.
+    import flax.linen as nn
+
+    g = ConvGeometry(input_size=(8, 8))
+    model = px.linen.Parametrize(nn.Conv(4, (3, 3)), {"kernel": px.lipschitz.ConvSpectralNorm(g)})
+    variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 4), jnp.float32))
+    report = lipschitz(variables)
+    assert list(report) == ["params/kernel"]
+    assert float(report["params/kernel"].measured) <= float(report["params/kernel"].certified)
+    assert float(network_bound(variables)) == float(report["params/kernel"].certified)
