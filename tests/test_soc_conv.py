@@ -71,13 +71,20 @@ def test_same_padding_is_one_lipschitz(cin, cout, strides):
     assert norm > 0.5
 
 
-def test_a_stride_subsamples_the_stride_one_output():
+def test_a_stride_subsamples_the_stride_one_output_where_flax_does():
+    # A strided SAME conv of the merged kernel (11 x 11 for a 3 x 3 raw kernel, 6 terms)
+    # starts at row 0 of 9 (stride 2) but at column 1 of 8 (stride 3); SOC's series used to
+    # start at 0 on every axis, a pixel off a strided nn.Conv (or soc() on one).
     raw = _kernel(4, 4)
     x = jax.random.normal(jax.random.key(4), (1, 9, 8, 4), jnp.float64)
     full = lipschitz.soc_conv(x, raw, geometry=SAME)
     strided = lipschitz.soc_conv(x, raw, geometry=lipschitz.ConvGeometry(strides=(2, 3)))
     assert strided.shape == (1, 5, 3, 4)
-    assert_close(strided, full[:, ::2, ::3])
+    assert_close(strided, full[:, ::2, 1::3])
+    k = jax.random.normal(jax.random.key(5), (11, 11, 4, 4), jnp.float64)
+    conv = lambda strides: nn.Conv(4, (11, 11), strides, padding="SAME", use_bias=False)
+    one, two = (conv(s).apply({"params": {"kernel": k}}, x) for s in (1, (2, 3)))
+    assert_close(two, one[:, ::2, 1::3])
 
 
 def test_dense_kernel_is_the_matrix_case():
@@ -160,3 +167,10 @@ def test_nnx_layer_equals_the_function_and_trains_under_jit():
     assert grads["kernel"][...].shape == (3, 3, 4, 6)
     with pytest.raises(ValueError, match="'SAME' or 'CIRCULAR'"):
         pnx.SOCConv(4, 4, padding="VALID", rngs=nnx.Rngs(0))
+
+
+def test_nnx_socconv_takes_lowercase_padding_as_nnx_conv_does():
+    layer = pnx.SOCConv(4, 4, padding="same", rngs=nnx.Rngs(0))
+    assert layer(jnp.ones((1, 8, 8, 4), jnp.float32)).shape == (1, 8, 8, 4)
+    with pytest.raises(ValueError, match="'SAME' or 'CIRCULAR'"):
+        pnx.SOCConv(4, 4, padding="valid", rngs=nnx.Rngs(0))

@@ -419,7 +419,7 @@ class NNXSOCConv(nnx.Module):
     ) -> None:
         self.geometry = _geometry(strides, padding, kernel_dilation)
         SkewOrthogonalConv(terms=terms, max_norm=max_norm, geometry=self.geometry)
-        check_series_padding(padding)  # refused now, not at the first call
+        check_series_padding(self.geometry.padding)  # refused now, not at the first call
         self.terms, self.max_norm = terms, max_norm
         shape = (*tuple(kernel_size), in_features, features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))

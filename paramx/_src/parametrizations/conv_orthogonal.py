@@ -354,7 +354,9 @@ def soc_conv(
     ``"SAME"`` (zero) padding every term's conv is skew-adjoint too (the adjoint of a SAME conv
     with an odd kernel is the SAME conv with the flipped, transposed kernel), so the layer is
     orthogonal to the truncation for ``in == out`` (as in the SOC paper), and 1-Lipschitz for
-    every channel count. A stride subsamples the stride-1 output (``y[:, ::s, ::s]``).
+    every channel count. A stride subsamples the stride-1 output where Flax's strided conv of the
+    merged kernel does (``y[:, ::s, ::s]``, from the second position for ``"SAME"`` padding of an
+    even size with stride 2).
 
     Args:
       x: The input, ``(batch, *spatial, in)``; ``(batch, in)`` for a Dense kernel.
@@ -409,7 +411,15 @@ def soc_conv(
     y = y[..., :cout] / jnp.asarray(1 + p.truncation, cdt)
     if nd:
         strides = g._per_axis(g.strides, nd, "strides")
-        y = y[(slice(None), *(slice(None, None, s) for s in strides))]
+        dilation = g._per_axis(g.kernel_dilation, nd, "kernel_dilation")
+        starts = [0] * nd
+        if g.padding == "SAME":  # where Flax's strided SAME conv of the merged kernel starts
+            for a in range(nd):
+                n, s_, ext = x.shape[1 + a], strides[a], (p.terms - 1) * (k.shape[a] - 1)
+                ext = ext * dilation[a] + 1
+                total = max((-(-n // s_) - 1) * s_ + ext - n, 0)
+                starts[a] = (ext - 1) // 2 - total // 2
+        y = y[(slice(None), *(slice(o, None, s_) for o, s_ in zip(starts, strides)))]
     return y.astype(x.dtype)
 
 
