@@ -213,7 +213,11 @@ def _read(
                 measured = _stacked(lambda x: jnp.linalg.norm(x, 2), n_stack)(v)
                 measured_by = "svd"
             elif g is not None and g.input_size is not None:
-                method = "fft" if g.is_circular() else "power"
+                # The spectrum is exact for a circular conv whose strides divide the input
+                # size (the polyphase matrices); otherwise it is the stride-1 norm, a bound.
+                strides = g._per_axis(g.strides, rank, "strides")
+                exact = all(n % s == 0 for n, s in zip(g.input_size, strides))
+                method = "fft" if g.is_circular() and exact else "power"
                 measured = _stacked(lambda x: _measure(x, g, method, iterations), n_stack)(v)
                 measured_by = method
     except (ValueError, TypeError) as e:
