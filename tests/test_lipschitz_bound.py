@@ -228,3 +228,28 @@ def test_a_stride_that_does_not_divide_the_size_is_measured_on_the_conv():
     true = float(jnp.linalg.norm(jac.reshape(-1, 196), 2))
     assert report.measured_by == "power"
     assert abs(float(report.measured) - true) < 1e-3 * true
+
+
+def test_a_declared_geometry_must_be_the_wrapped_convs():
+    # A bound for a SAME 8 x 8 conv, applied as a strided CIRCULAR conv or to 12 x 12 inputs,
+    # is a bound for another operator (the layer measured up to 1.11); it used to pass.
+    import flax.linen as nn
+    from flax import nnx
+
+    import paramx.nnx as pnx
+
+    rule = px.lipschitz.ConvSpectralNorm(ConvGeometry((8, 8), padding="SAME"))
+    cases = [
+        (nn.Conv(4, (3, 3), strides=2, padding="CIRCULAR"), (1, 8, 8, 4), "strides: .*padding"),
+        (nn.Conv(4, (3, 3)), (1, 12, 12, 4), r"input_size: \(8, 8\) declared, \(12, 12\)"),
+    ]
+    for conv, shape, what in cases:
+        model = px.linen.Parametrize(conv, {"kernel": rule})
+        with pytest.raises(ValueError, match=f"not the wrapped Conv's.*{what}"):
+            model.init(jax.random.key(0), jnp.ones(shape, jnp.float32))
+    same = px.linen.Parametrize(nn.Conv(4, (3, 3), padding="same"), {"kernel": rule})
+    same.init(jax.random.key(0), jnp.ones((1, 8, 8, 4), jnp.float32))
+    strided = nnx.Conv(4, 4, (3, 3), strides=2, padding="CIRCULAR", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not the Conv's.*strides"):
+        pnx.conv_spectral_norm(strided, geometry=ConvGeometry((8, 8)))
+    assert "kernel" in strided.__dict__  # refused before anything changed

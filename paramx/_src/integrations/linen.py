@@ -43,6 +43,7 @@ from paramx._src.core.materialize import materialize
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.register import register_parametrization
 from paramx._src.core.state import merge_state, split_state
+from paramx._src.parametrizations.convops import ConvGeometry
 
 _STATE_COLLECTION = "paramx_state"
 _FLAG = "use_running_average"
@@ -486,6 +487,7 @@ class Parametrize(nn.Module):
         """
         if use_running_average is not None and _takes_flag(self.module):
             kwargs[_FLAG] = use_running_average
+        self._check_conv_geometry(args[0] if args else None)
         return self._run(
             lambda module, *a, **k: module(*a, **k), use_running_average, *args, **kwargs
         )
@@ -494,6 +496,35 @@ class Parametrize(nn.Module):
     # `nn.nowrap`: `model.tabulate` records every wrapped method call with its inputs and
     # outputs, and cannot show registered nodes inside a metadata box (they refuse to act as
     # arrays); these helpers are not part of the model's computation.
+    @nn.nowrap
+    def _check_conv_geometry(self, x: Any) -> None:
+        """A rule that declares a conv geometry (a Lipschitz bound's padding, strides,
+        dilation, input size) must declare the wrapped ``nn.Conv``'s: else its bound is for
+        another operator (a SAME power iteration applied as a CIRCULAR conv measured 1.11)."""
+        conv = self.module
+        if not isinstance(conv, nn.Conv) or type(conv) is not nn.Conv:
+            return
+        rank = len(tuple(conv.kernel_size))
+        actual = ConvGeometry(
+            strides=conv.strides or 1,
+            padding=conv.padding,
+            kernel_dilation=conv.kernel_dilation or 1,
+        )
+        size = tuple(x.shape[-(rank + 1) : -1]) if hasattr(x, "shape") else None
+        for where, p in normalize_rules(self.rules):
+            declared = getattr(p, "geometry", None)
+            if not isinstance(declared, ConvGeometry):
+                continue
+            wrong = declared.mismatches(actual, rank, size)
+            if wrong:
+                raise ValueError(
+                    f"{self._where()}: the geometry declared for {where!r} "
+                    f"({pz.display_name(p)}) is not the wrapped Conv's ({'; '.join(wrong)}), so "
+                    f"its bound would be for another operator. Declare the Conv's own: "
+                    f"ConvGeometry(input_size={size}, strides={conv.strides or 1}, "
+                    f"padding={conv.padding!r}, kernel_dilation={conv.kernel_dilation or 1})."
+                )
+
     @nn.nowrap
     def _where(self) -> str:
         scope_path = "/".join(map(str, self.scope.path)) if self.scope is not None else ""

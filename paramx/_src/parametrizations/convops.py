@@ -114,6 +114,26 @@ class ConvGeometry:
         else:
             raise TypeError(f"{owner}: padding {pad!r} is not a padding flax.linen.Conv takes.")
 
+    def mismatches(self, conv: ConvGeometry, rank: int, input_size: Any = None) -> list[str]:
+        """How this geometry differs from the conv ``conv`` describes (its padding, strides
+        and dilation; ``input_size``, the spatial size it is applied to, when given), as
+        ``"what: declared, conv"`` strings; empty when they agree."""
+        out = []
+        for name in ("strides", "kernel_dilation"):
+            mine = self._per_axis(getattr(self, name), rank, name)
+            theirs = conv._per_axis(getattr(conv, name), rank, name)
+            if mine != theirs:
+                out.append(f"{name}: {mine} declared, {theirs} in the conv")
+        pads = (self.padding, conv.padding)
+        if isinstance(pads[0], int) or isinstance(pads[1], int):  # an int pads both sides
+            pads = tuple(((p, p),) * rank if isinstance(p, int) else p for p in pads)
+        if pads[0] != pads[1]:
+            out.append(f"padding: {self.padding!r} declared, {conv.padding!r} in the conv")
+        if input_size is not None and self.input_size is not None:
+            if tuple(self.input_size) != tuple(input_size):
+                out.append(f"input_size: {self.input_size} declared, {tuple(input_size)} given")
+        return out
+
     # ----- per-axis views ------------------------------------------------------------------
     def _per_axis(self, value: int | tuple[int, ...], rank: int, name: str) -> tuple[int, ...]:
         if isinstance(value, int):

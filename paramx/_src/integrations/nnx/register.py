@@ -31,6 +31,7 @@ from paramx._src.integrations.nnx.container import (
     is_variable,
     lookup,
 )
+from paramx._src.parametrizations.convops import ConvGeometry
 
 
 def check_module(module: Any) -> None:
@@ -80,6 +81,29 @@ def label_of(module: Any, name: str) -> str:
     if isinstance(module, ParametrizationList):
         return f"{module.label}.{name}"
     return f"{type_before_parametrizations(module).__name__}.{name}"
+
+
+def _check_conv_geometry(module: Any, name: str, p: Any, label: str) -> None:
+    """A parametrization that declares a conv geometry (a Lipschitz bound's padding, strides,
+    dilation) on an ``nnx.Conv``'s kernel must declare the Conv's own; else its bound is for
+    another operator."""
+    declared = getattr(p, "geometry", None)
+    if type(module) is not nnx.Conv or name != "kernel" or not isinstance(declared, ConvGeometry):
+        return
+    rank = len(tuple(module.kernel_size))
+    actual = ConvGeometry(
+        strides=module.strides or 1,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation or 1,
+    )
+    wrong = declared.mismatches(actual, rank)
+    if wrong:
+        raise ValueError(
+            f"{label}: the geometry declared for the kernel is not the Conv's "
+            f"({'; '.join(wrong)}), so its bound would be for another operator. Declare the "
+            f"Conv's own: ConvGeometry(input_size=..., strides={module.strides or 1}, "
+            f"padding={module.padding!r}, kernel_dilation={module.kernel_dilation or 1})."
+        )
 
 
 def register_parametrization(
@@ -157,6 +181,7 @@ def register_parametrization(
     """
     check_module(module)
     label = label_of(module, name)
+    _check_conv_geometry(module, name, parametrization, label)
     options: dict[str, Any] = dict(key=key, unsafe=unsafe, batch_axes=batch_axes, label=label)
     plist = lookup(module, name)
     if plist is not None:
