@@ -87,7 +87,8 @@ def group_key(node: Parametrized, target: Any) -> Hashable | None:
                 return None
             # Eagerly, stacking moves every member to one device, and commits it there: only
             # arrays on the same device, committed alike, are grouped.
-            placement.append((next(iter(x.sharding.device_set)).id, x.committed))
+            device: Any = next(iter(x.sharding.device_set))
+            placement.append((device.id, x.committed))
         try:
             t = jax.typeof(x)
         except TypeError:

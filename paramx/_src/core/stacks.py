@@ -82,7 +82,7 @@ def on_cpu() -> bool:
     """Whether the programs being traced run on XLA:CPU: the default backend, or the default
     device set by ``jax.default_device`` (CPU work on a GPU host meets jaxlib's thread pool
     too)."""
-    device = jax.config.jax_default_device
+    device = getattr(jax.config, "jax_default_device", None)
     if device is not None:
         return str(getattr(device, "platform", device)) == "cpu"
     return jax.default_backend() == "cpu"

@@ -501,9 +501,9 @@ class Parametrize(nn.Module):
         """A rule that declares a conv geometry (a Lipschitz bound's padding, strides,
         dilation, input size) must declare the wrapped ``nn.Conv``'s: else its bound is for
         another operator (a SAME power iteration applied as a CIRCULAR conv measured 1.11)."""
-        conv = self.module
-        if not isinstance(conv, nn.Conv) or type(conv) is not nn.Conv:
+        if type(self.module) is not nn.Conv:
             return
+        conv: Any = self.module  # the fields as Flax keeps them (ints or sequences)
         rank = len(tuple(conv.kernel_size))
         actual = ConvGeometry(
             strides=conv.strides or 1,

@@ -124,7 +124,7 @@ class ConvGeometry:
             theirs = conv._per_axis(getattr(conv, name), rank, name)
             if mine != theirs:
                 out.append(f"{name}: {mine} declared, {theirs} in the conv")
-        pads = (self.padding, conv.padding)
+        pads: tuple[Any, ...] = (self.padding, conv.padding)
         if isinstance(pads[0], int) or isinstance(pads[1], int):  # an int pads both sides
             pads = tuple(((p, p),) * rank if isinstance(p, int) else p for p in pads)
         if pads[0] != pads[1]:

@@ -241,7 +241,7 @@ def _bound_for_geometry(p: Any, g: ConvGeometry) -> Callable[[jax.Array], Any]:
     if not dataclasses.is_dataclass(p) or "geometry" not in {f.name for f in dataclasses.fields(p)}:
         return cast(Callable[[jax.Array], Any], p.lipschitz_bound)
     try:
-        with_g = dataclasses.replace(p, geometry=g)
+        with_g = dataclasses.replace(cast(Any, p), geometry=g)
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"the kernel's parametrization does not certify the geometry given for it: {e}"

@@ -90,11 +90,12 @@ def _check_conv_geometry(module: Any, name: str, p: Any, label: str) -> None:
     declared = getattr(p, "geometry", None)
     if type(module) is not nnx.Conv or name != "kernel" or not isinstance(declared, ConvGeometry):
         return
-    rank = len(tuple(module.kernel_size))
+    conv: Any = module  # the fields as Flax keeps them (ints or sequences)
+    rank = len(tuple(conv.kernel_size))
     actual = ConvGeometry(
-        strides=module.strides or 1,
-        padding=module.padding,
-        kernel_dilation=module.kernel_dilation or 1,
+        strides=conv.strides or 1,
+        padding=conv.padding,
+        kernel_dilation=conv.kernel_dilation or 1,
     )
     wrong = declared.mismatches(actual, rank)
     if wrong:
