@@ -226,13 +226,7 @@ def _check_geometry(owner: str, geometry: Any) -> None:
             f"strides, dilation and input size, as flax.linen.Conv takes them) or None; got "
             f"{geometry!r} ({type(geometry).__name__})."
         )
-    if geometry is not None and geometry.padding == "REFLECT":
-        raise ValueError(
-            f"{owner}: REFLECT padding repeats border pixels, so the conv's norm can exceed its "
-            f"kernel's (an orthogonal kernel reached 1.8 on an 8 x 8 input); {owner} is "
-            f"1-Lipschitz for zero (SAME, VALID, explicit) and CIRCULAR padding. Use one of "
-            f"those."
-        )
+    convops.refuse_reflect(owner, geometry)
 
 
 def _check_kernel(owner: str, x: Any) -> None:

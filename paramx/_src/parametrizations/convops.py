@@ -329,3 +329,14 @@ def circular_singular_values(
     """
     m = frequency_response(kernel, size, kernel_dilation)
     return lapack(jnp.linalg.svd, m, compute_uv=False)
+
+
+def refuse_reflect(owner: str, geometry: ConvGeometry | None) -> None:
+    """A ValueError for ``"REFLECT"`` padding, which a kernel-level bound does not cover."""
+    if geometry is not None and geometry.padding == "REFLECT":
+        raise ValueError(
+            f"{owner}: REFLECT padding repeats border pixels, so the conv's norm can exceed the "
+            f"kernel's bound (by up to √2 per axis: an orthogonal kernel reached 1.8 on an 8 x 8 "
+            f"input); {owner} certifies zero (SAME, VALID, explicit, CAUSAL) and CIRCULAR "
+            f"padding. Use one of those."
+        )

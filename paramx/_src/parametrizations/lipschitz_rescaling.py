@@ -233,12 +233,7 @@ def _check_geometry(owner: str, geometry: Any) -> None:
             f"{owner}: geometry must be a paramx.lipschitz.ConvGeometry or None; got "
             f"{geometry!r} ({type(geometry).__name__})."
         )
-    if geometry.padding == "REFLECT":
-        raise ValueError(
-            f"{owner}: REFLECT padding repeats border pixels, so the conv's norm can exceed the "
-            f"kernel's bound (by up to √2 per axis); {owner} certifies zero (SAME, VALID, "
-            f"explicit, CAUSAL) and CIRCULAR padding. Use one of those."
-        )
+    convops.refuse_reflect(owner, geometry)
 
 
 # ----- AOL ----------------------------------------------------------------------------------
