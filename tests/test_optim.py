@@ -348,3 +348,19 @@ def test_tags_see_nested_nnx_registrations_and_nnx_state():
     assert "2 of state" in repr(full)
     state = full.mask("nd", invert=True)["b"]["parametrizations"]["kernel"]["state"]
     assert jax.tree.leaves(state) == [False, False]
+
+
+def test_missing_names_list_the_closest_once_and_parametrized_ones_too():
+    # optim.tags listed a node's path twice; paramx.nnx listed only plain Variables, so a
+    # typo of a parametrized tensor's name had no suggestion.
+    import paramx.nnx as pnx
+
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    params = px.orthogonal(params, "dense/kernel")
+    with pytest.raises(ValueError, match="Closest paths") as err:
+        px.optim.tags(params, {"x": "dense/kernal"})
+    assert str(err.value).count("'dense/bias'") == 1
+    layer = pnx.spectral_norm(nnx.Linear(3, 3, rngs=nnx.Rngs(0)))
+    identity = px.Parametrization(forward=lambda x: x)
+    with pytest.raises(ValueError, match="Closest names: 'kernel'"):
+        pnx.register_parametrization(layer, "kernal", identity)

@@ -489,7 +489,8 @@ def _select(rule: Any, arrays: list[_Array], items: list[tuple[Any, Any]], tag: 
             f"array below it."
         )
     inner = [paths.format_path(a.path) for a in arrays if not a.state]
-    close = difflib.get_close_matches(shown, existing + inner, n=5, cutoff=0.5)
+    candidates = list(dict.fromkeys(existing + inner))  # a node's own path is in both
+    close = difflib.get_close_matches(shown, candidates, n=5, cutoff=0.5)
     hint = paths._listing("Closest paths", close) if close else paths._listing("Paths", existing)
     raise ValueError(f"Tag {tag!r}: no array at path {shown!r}. {hint}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import gc
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -47,6 +48,8 @@ def _variable(module: Any, name: str) -> nnx.Variable:
     attrs = vars(module)
     if not isinstance(name, str) or name not in attrs:
         names = sorted(k for k, v in attrs.items() if is_variable(v))
+        container = attrs.get(CONTAINER)
+        names += sorted(container) if isinstance(container, Mapping) else []
         close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
         listing = (
             f"Closest names: {', '.join(map(repr, close))}."
