@@ -108,7 +108,7 @@ def test_submodules_built_outside_the_wrapped_module_are_refused_not_lost():
         (sequential, r"Sequential\.layers\[0\]"),
         (lambda: _Block(nn.Dense(3)), "inner"),
     ):
-        with pytest.raises(ValueError, match=rf"holds .*{held} \(Dense\), built in the compact"):
+        with pytest.raises(ValueError, match=rf"holds .*{held} \(Dense\), a child of Compact"):
             Compact(make).init(jax.random.key(0), X)
 
     # Built in a setup method (or outside any module), they are the wrapped module's own.

@@ -327,9 +327,10 @@ class Parametrize(nn.Module):
       still parametrized on its own.
     - **Submodules** of the wrapped module must be its own. Modules built in an enclosing
       module's compact method and handed to it (``nn.Sequential([nn.Dense(3), ...])`` built
-      there) are Flax children of the enclosing module, whose variables the wrapper cannot
-      map: it refuses them with a ``ValueError``. Build them in a ``setup`` method, or wrap
-      each layer on its own.
+      there), or the enclosing module's own layers shared with it, are Flax children of the
+      enclosing module, whose variables the wrapper cannot map: it refuses them with a
+      ``ValueError``. Build them in a ``setup`` method, wrap each layer on its own, or wrap
+      the enclosing module.
     - **Layout.** ``layout="nodes"`` (the default) stores each parametrized tensor in the
       ``'params'`` collection as a :class:`paramx.Parametrized` node, which
       :func:`paramx.materialize` and the other tree functions read outside the model.
@@ -465,12 +466,13 @@ class Parametrize(nn.Module):
             where, sub = foreign[0]
             raise ValueError(
                 f"{self._where()}: the wrapped module holds {where} ({type(sub).__name__}), "
-                f"built in the compact method of {type(sub.parent).__name__}: Flax made it a "
-                f"child of that module, so its variables are not the wrapped module's and the "
+                f"a child of {type(sub.parent).__name__} (built in its compact method, or one "
+                f"of its own layers): its variables are not the wrapped module's, and the "
                 f"wrapper would lose them. Build the submodules inside the wrapped module (in "
                 f"a setup method, e.g. `self.net = paramx.linen.Parametrize(nn.Sequential("
-                f"[...]), rules)` in the enclosing module's setup), or wrap each layer on its "
-                f"own: paramx.linen.Parametrize(nn.Dense(...), rules)."
+                f"[...]), rules)` in the enclosing module's setup), wrap each layer on its "
+                f"own (paramx.linen.Parametrize(nn.Dense(...), rules)), or, for a layer shared "
+                f"with {type(sub.parent).__name__}, wrap {type(sub.parent).__name__} instead."
             )
         nn.share_scope(self, self.module)
         self._memo = _Memo()
