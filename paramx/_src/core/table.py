@@ -253,12 +253,9 @@ def entries(tree: Any, state: Any = None) -> list[Entry]:
     """The leaves of ``tree`` as :class:`Entry` values (nodes, boxes and Variables as one)."""
     if state is not None:
         tree = merge_state(tree, state)
-    if _is_variables(tree):
+    if is_variables(tree):
         out: list[Entry] = []
-        merged = dict(tree)
-        if state is None and _STATE_COLLECTION in merged and "params" in merged:
-            held = merged.pop(_STATE_COLLECTION)
-            merged["params"] = merge_state(merged["params"], held)
+        merged = with_state_collection(tree) if state is None else dict(tree)
         for name, coll in merged.items():
             for e in _flat(coll, (jax.tree_util.DictKey(name),)):
                 out.append(e._replace(collection=e.collection or str(name), below_collection=True))
@@ -429,6 +426,16 @@ def layout_role(keys: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
     return "plain", ()
 
 
+def with_state_collection(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """A linen variables dict with paramx.linen's ``'paramx_state'`` collection merged into
+    ``'params'`` (the nodes then hold their state), as a new dict."""
+    merged = dict(variables)
+    if _STATE_COLLECTION in merged and "params" in merged:
+        held = merged.pop(_STATE_COLLECTION)
+        merged["params"] = merge_state(merged["params"], held)
+    return merged
+
+
 def plain_array_role(keys: tuple[Any, ...], variables: bool) -> str:
     """The role of an array that is not inside a node: ``"state"`` in paramx.linen's state
     collection of a variables dict (``variables``), else the role of paramx.nnx's layout
@@ -439,11 +446,6 @@ def plain_array_role(keys: tuple[Any, ...], variables: bool) -> str:
 
 
 def is_variables(tree: Any) -> bool:
-    """Whether ``tree`` is a Flax linen variables dict (see ``_is_variables``)."""
-    return _is_variables(tree)
-
-
-def _is_variables(tree: Any) -> bool:
     """A Flax linen variables dict: a mapping of collections, ``'params'`` among them."""
     if not isinstance(tree, Mapping) or "params" not in tree or _is_variable(tree):
         return False

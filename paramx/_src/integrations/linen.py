@@ -43,7 +43,7 @@ from paramx._src.core.materialize import materialize
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.register import register_parametrization
 from paramx._src.core.state import merge_state, split_state
-from paramx._src.parametrizations.convops import ConvGeometry
+from paramx._src.parametrizations.convops import ConvGeometry, flax_conv_geometry
 
 _STATE_COLLECTION = "paramx_state"
 _FLAG = "use_running_average"
@@ -507,11 +507,7 @@ class Parametrize(nn.Module):
             return
         conv: Any = self.module  # the fields as Flax keeps them (ints or sequences)
         rank = len(tuple(conv.kernel_size))
-        actual = ConvGeometry(
-            strides=conv.strides or 1,
-            padding=conv.padding,
-            kernel_dilation=conv.kernel_dilation or 1,
-        )
+        actual = flax_conv_geometry(conv)
         size = tuple(x.shape[-(rank + 1) : -1]) if hasattr(x, "shape") else None
         for where, p in normalize_rules(self.rules):
             declared = getattr(p, "geometry", None)

@@ -340,3 +340,12 @@ def refuse_reflect(owner: str, geometry: ConvGeometry | None) -> None:
             f"input); {owner} certifies zero (SAME, VALID, explicit, CAUSAL) and CIRCULAR "
             f"padding. Use one of those."
         )
+
+
+def flax_conv_geometry(conv: Any) -> ConvGeometry:
+    """The geometry of a ``flax.linen.Conv`` or ``flax.nnx.Conv`` (its strides, padding and
+    dilation, as it keeps them), to compare a declared one with
+    (:meth:`ConvGeometry.mismatches`)."""
+    return ConvGeometry(
+        strides=conv.strides or 1, padding=conv.padding, kernel_dilation=conv.kernel_dilation or 1
+    )

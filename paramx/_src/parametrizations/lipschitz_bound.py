@@ -28,8 +28,7 @@ import numpy as np
 from paramx._src.core import paths as px_paths
 from paramx._src.core.materialize import materialize_tensor
 from paramx._src.core.node import is_node
-from paramx._src.core.state import merge_state
-from paramx._src.core.table import is_variables
+from paramx._src.core.table import is_variables, with_state_collection
 from paramx._src.parametrizations import conv_spectral_norm as csn
 from paramx._src.parametrizations.convops import ConvGeometry
 from paramx._src.parametrizations.numerics import compute_dtype
@@ -249,20 +248,9 @@ def _bound_for_geometry(p: Any, g: ConvGeometry) -> Callable[[jax.Array], Any]:
     return cast(Callable[[jax.Array], Any], with_g.lipschitz_bound)
 
 
-_STATE_COLLECTION = "paramx_state"  # paramx.linen's default state collection
-
-
-def _with_state(tree: Any) -> Any:
-    """A linen variables dict with its ``'paramx_state'`` collection merged into
-    ``'params'`` (the nodes' state, which stateful methods need to read their value)."""
-    if is_variables(tree) and _STATE_COLLECTION in tree:
-        rest = {k: v for k, v in tree.items() if k != _STATE_COLLECTION}
-        return {**rest, "params": merge_state(tree["params"], tree[_STATE_COLLECTION])}
-    return tree
-
-
 def _selected(tree: Any, where: Any) -> list[tuple[str, Any]]:
-    tree = _with_state(tree)
+    if is_variables(tree):  # stateful methods read their state from the nodes
+        tree = with_state_collection(tree)
     leaves = px_paths.leaves_with_paths(tree)
     if where is None:
         return [(px_paths.format_path(p), x) for p, x in leaves if is_node(x)]

@@ -32,7 +32,7 @@ from paramx._src.integrations.nnx.container import (
     is_variable,
     lookup,
 )
-from paramx._src.parametrizations.convops import ConvGeometry
+from paramx._src.parametrizations.convops import ConvGeometry, flax_conv_geometry
 
 
 def check_module(module: Any) -> None:
@@ -94,13 +94,7 @@ def _check_conv_geometry(module: Any, name: str, p: Any, label: str) -> None:
     if type(module) is not nnx.Conv or name != "kernel" or not isinstance(declared, ConvGeometry):
         return
     conv: Any = module  # the fields as Flax keeps them (ints or sequences)
-    rank = len(tuple(conv.kernel_size))
-    actual = ConvGeometry(
-        strides=conv.strides or 1,
-        padding=conv.padding,
-        kernel_dilation=conv.kernel_dilation or 1,
-    )
-    wrong = declared.mismatches(actual, rank)
+    wrong = declared.mismatches(flax_conv_geometry(conv), len(tuple(conv.kernel_size)))
     if wrong:
         raise ValueError(
             f"{label}: the geometry declared for the kernel is not the Conv's "
