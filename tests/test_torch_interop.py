@@ -834,6 +834,125 @@ def test_live_torch_loads_what_an_nnx_model_writes(case):
         np.testing.assert_array_equal(fresh(x_t).numpy(), y_t)
 
 
+class _TwoLinears(nnx.Module):
+    def __init__(self):
+        self.enc = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+        self.dec = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("share", ["variable", "tie"])
+def test_nnx_shared_parameters_are_listed_under_each_name(share):
+    # NNX files a shared Variable under the first path it meets (dec before enc): the
+    # encoder's weight used to be left out, and a pnx.tie'd kernel exported its source under
+    # "dec.kernel.source.*" keys.
+    m = _TwoLinears()
+    if share == "variable":
+        m.dec.kernel = m.enc.kernel
+    else:
+        pnx.tie(m.dec, "kernel", m.enc, "kernel")
+    sd = to_torch_state_dict(m)
+    assert sorted(sd) == ["dec.bias", "dec.weight", "enc.bias", "enc.weight"]
+    np.testing.assert_array_equal(sd["enc.weight"], sd["dec.weight"])
+    doubled = {key: 2 * v for key, v in sd.items()}
+    nnx.update(m, from_torch_state_dict(doubled, m))
+    np.testing.assert_allclose(m.enc.kernel[...], doubled["enc.weight"].T)
+    np.testing.assert_allclose(m.dec.kernel[...], doubled["enc.weight"].T)
+    np.testing.assert_allclose(m.dec.bias[...], doubled["dec.bias"])
+    doubled["dec.weight"] = doubled["dec.weight"] + 1
+    with pytest.raises(ValueError, match="dec/kernel and enc/kernel differ.*one shared Variable"):
+        from_torch_state_dict(doubled, m)
+
+
+def test_live_torch_shares_what_an_nnx_model_shares():
+    torch = pytest.importorskip("torch")
+
+    class AE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(4, 2)
+            self.dec = torch.nn.Linear(4, 2)
+            self.dec.weight = self.enc.weight
+
+    torch.manual_seed(0)
+    model_t = AE()
+    m = _TwoLinears()
+    pnx.tie(m.dec, "kernel", m.enc, "kernel")
+    nnx.update(m, from_torch_state_dict(model_t.state_dict(), m))
+    np.testing.assert_array_equal(m.dec.kernel[...], model_t.enc.weight.detach().numpy().T)
+    fresh = AE()
+    back = to_torch_state_dict(m)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    assert fresh.dec.weight is fresh.enc.weight
+    np.testing.assert_array_equal(fresh.enc.weight.detach().numpy(), back["enc.weight"])
+
+
+def test_nnx_ties_torch_cannot_hold_are_refused_and_shared_modules_listed_twice():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.enc = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+            self.layers = nnx.List([nnx.Linear(2, 4, rngs=nnx.Rngs(1))])
+
+    m = Net()
+    pnx.tie(m.layers[0], "kernel", m.enc, "kernel", transform=jnp.transpose)
+    fix = r"through 'transpose'.*paramx\.nnx\.untie\(model\.layers\[0\], 'kernel'\)"
+    with pytest.raises(ValueError, match=fix):
+        to_torch_state_dict(m)
+    with pytest.raises(ValueError, match=fix):
+        from_torch_state_dict({}, m)
+    m = _TwoLinears()
+    pnx.orthogonal(m.enc)
+    pnx.tie(m.dec, "kernel", m.enc, "kernel")
+    with pytest.raises(ValueError, match="registered with paramx.nnx whose value is computed"):
+        to_torch_state_dict(m)
+
+    # One parametrized module at two paths: torch lists its tensors under both names.
+    class Shared(nnx.Module):
+        def __init__(self):
+            self.a = pnx.orthogonal(nnx.Linear(3, 3, rngs=nnx.Rngs(0)))
+            self.b = self.a
+
+    m = Shared()
+    sd = to_torch_state_dict(m)
+    assert sorted(sd) == sorted(
+        f"{x}.{k}"
+        for x in "ab"
+        for k in ("bias", "parametrizations.weight.0.base", "parametrizations.weight.original")
+    )
+    before = np.asarray(m.a.kernel)
+    nnx.update(m, from_torch_state_dict(sd, m))
+    np.testing.assert_allclose(m.b.kernel, before, atol=1e-6)
+
+
+def test_stacked_plain_kernels_are_refused():
+    # A stack of Dense layers (L, in, out) has a conv kernel's rank; it used to be written
+    # as a torch Conv1d weight (out, in, L). Its bias (L, out) gives it away in linen, the
+    # layer's own rank in NNX.
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(3)(x), None
+
+    stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+    x = jnp.ones((1, 3), jnp.float32)
+    params = {"blocks": stack().init(jax.random.key(0), x, None)["params"]}
+    with pytest.raises(ValueError, match=r"blocks/Dense_0/kernel \(4, 3, 3\).*stack of 4"):
+        to_torch_state_dict(params)
+    with pytest.raises(ValueError, match="stack of 4"):
+        from_torch_state_dict({}, params)
+    for use_bias in (True, False):
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make(key):
+            return nnx.Linear(3, 3, use_bias=use_bias, rngs=nnx.Rngs(key))  # noqa: B023
+
+        with pytest.raises(ValueError, match=r"Linear kernel at kernel.*stack of 4 layers"):
+            to_torch_state_dict(make(jax.random.split(jax.random.key(0), 4)))
+    # A real 1-D conv kernel (width, in, out) with its (out,) bias is still a Conv1d weight.
+    conv = {"c": {"kernel": jnp.ones((4, 3, 3)), "bias": jnp.zeros(3)}}
+    assert to_torch_state_dict(conv)["c.weight"].shape == (3, 3, 4)
+    assert to_torch_state_dict(nnx.Conv(3, 3, 4, rngs=nnx.Rngs(0)))["weight"].shape == (3, 3, 4)
+
+
 def test_a_plain_tie_is_torchs_shared_parameter_both_ways():
     # torch's state_dict lists a shared weight under each name: the tied key used to be left
     # out on writing (a strict load failed) and have no place on reading.

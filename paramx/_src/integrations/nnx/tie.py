@@ -13,6 +13,8 @@ As for any shared node in NNX, the source's Variables are filed in ``nnx.state``
 first path NNX meets (it walks attribute names in sorted order): with ``model.dec`` tied to
 ``model.enc``, the encoder's kernel appears at ``dec/kernel/source/kernel``. It is one copy
 either way; name the modules so that the source comes first if the paths matter.
+:mod:`paramx.interop` writes and reads a plain tie (no transform, an unparametrized source)
+as torch's shared parameter, under each name, and refuses a tie through a transform.
 """
 
 from __future__ import annotations

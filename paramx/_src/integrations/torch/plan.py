@@ -148,6 +148,7 @@ def tensors(
     out: list[Tensor] = []
     used_layouts: set[str] = set()
     owner: dict[str, str] = {}
+    stacked = _stacked_modules(leaves)
     for i, (path, leaf) in enumerate(leaves):
         keys = tuple(str(k) for k in paths.path_keys(path))
         shown = paths.format_path(path)
@@ -170,6 +171,18 @@ def tensors(
             used_layouts.add(module_name)
         else:
             layout_name = default_layout(keys[-1], len(shape))
+            if keys[:-1] in stacked and keys[-1] == "kernel":
+                bias = stacked[keys[:-1]]
+                raise ValueError(
+                    f"The kernel at {shown} {shape} comes with a bias of shape {bias}, and a "
+                    f"torch Linear or Conv bias has one axis: this is a stack of "
+                    f"{'x'.join(map(str, bias[:-1]))} layers (nn.scan, nn.vmap, nnx.vmap), or a "
+                    f"DenseGeneral with several feature axes, and has no torch keys (read as a "
+                    f"conv weight, it would be transposed wrongly). Convert one layer at a time "
+                    f"(index the stack: jax.tree.map(lambda x: x[i], ...)), with `modules=` "
+                    f"naming each layer's torch module; or name the weight's layout in "
+                    f"`layouts=` if it is one torch tensor."
+                )
         layout = make_layout(layout_name, len(shape), shown)
         out.append(Tensor(i, shown, module, name, leaf, shape, layout, keys))
     unused = sorted(set(layouts) - used_layouts)
@@ -180,6 +193,23 @@ def tensors(
             f"{listing('Modules with a weight', known)}"
         )
     return out
+
+
+def _stacked_modules(leaves: list[tuple[Any, Any]]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Modules with a kernel whose plain ``bias`` has more than one axis (a layer stack, or
+    a ``DenseGeneral`` with several feature axes): module keys -> the bias's shape."""
+    by_module: dict[tuple[str, ...], dict[str, Any]] = {}
+    for path, leaf in leaves:
+        keys = tuple(str(k) for k in paths.path_keys(path))
+        by_module.setdefault(keys[:-1], {})[keys[-1]] = leaf
+    return {
+        module: tuple(members["bias"].shape)
+        for module, members in by_module.items()
+        if "kernel" in members
+        and "bias" in members
+        and not is_node(members["bias"])
+        and len(getattr(members["bias"], "shape", ())) > 1
+    }
 
 
 def _link(t: Tensor, j: int) -> proto.TorchLink:

@@ -283,7 +283,8 @@ def from_torch_state_dict(
         fit the template's parametrizations (``strict=True``); on a shape mismatch (the key,
         both shapes and the layout rule are named) or a change of dtype kind (integer to
         float, say); on a stacked tensor (``nn.scan``, ``nnx.vmap``), which has no torch keys;
-        on bad ``modules`` / ``layouts``.
+        on two keys of one shared parameter (a shared Variable, a plain tie) holding different
+        arrays, and on a tie through a transform; on bad ``modules`` / ``layouts``.
 
     Examples:
       >>> import jax.numpy as jnp

@@ -43,7 +43,10 @@ def to_torch_state_dict(
     ``parametrizations.weight.original``, transposed for a Linear), its BatchStats as torch's
     ``running_mean`` / ``running_var``, and an ``nnx.Sequential``'s layers as ``0``, ``1``, ...
     The ``nnx.State`` of a registered module is refused: the parametrizations live in the
-    module's graph, not in its state.
+    module's graph, not in its state. A parameter shared by two modules (one Variable, one
+    module at two paths, or a plain :func:`paramx.tie` / :func:`paramx.nnx.tie`) is written
+    under each name, as torch's ``state_dict`` lists a shared ``nn.Parameter``; a tie through
+    a transform, or to a parametrized tensor, has no torch form and is refused.
 
     Args:
       tree: A registered paramx tree (not a trainable half: state is written too), or an NNX
@@ -61,8 +64,9 @@ def to_torch_state_dict(
     Raises:
       ValueError: For a parametrization without a torch equivalent in that layout (orthogonal
         on a conv kernel), a tree without its state, a stacked tensor (``nn.scan``,
-        ``nnx.vmap``), the state of a ``paramx.nnx`` module without the module, or two leaves
-        with one torch name.
+        ``nnx.vmap``; also a plain kernel, told by its bias of more than one axis or, in NNX,
+        by its layer's own rank), the state of a ``paramx.nnx`` module without the module, a
+        tie torch cannot hold, or two leaves with one torch name.
 
     Examples:
       >>> import jax.numpy as jnp
