@@ -102,3 +102,15 @@ def test_orbax_round_trip_into_a_fresh_target(tmp_path):
     _assert_same(restored_params, params)
     _assert_same(restored_state, state)
     assert isinstance(restored_params["params"]["layers_0"]["kernel"], px.Parametrized)
+
+
+def test_state_restored_without_a_target_fits_list_indices_and_integer_keys():
+    # A state half read back without a target (msgpack_restore, orbax without an item) has
+    # string keys where the tree has list indices or integer dict keys; merge_state refused it,
+    # saying the tree lacked the entry '1' while listing '1' among its keys.
+    k = 3 * jnp.eye(2)
+    for tree, where in [({"layers": [{"w": k}, {"w": k}]}, "layers/1/w"), ({0: {"w": k}}, "0/w")]:
+        params, state = px.split_state(px.spectral_norm(tree, where))
+        raw = serialization.msgpack_restore(serialization.to_bytes(state))
+        _assert_same(px.merge_state(params, raw), px.merge_state(params, state))
+        _assert_same(px.materialize(params, raw), px.materialize(params, state))

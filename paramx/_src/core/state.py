@@ -163,6 +163,26 @@ def _children(tree: Any) -> dict[Any, Any] | None:
 
 
 def _child(tree: Any, key: Any) -> Any:
+    """The child of ``tree`` at ``key``; an index also matches its string spelling and back
+    (``1`` and ``"1"``), since a state half saved with ``flax.serialization`` or orbax comes
+    back with string keys where the tree has list indices or integer dict keys."""
+    found = _exact_child(tree, key)
+    other = _other_spelling(key)
+    if found is _MISSING and other is not None:
+        found = _exact_child(tree, other)
+    return found
+
+
+def _other_spelling(key: Any) -> Any:
+    """``"1"`` for ``1`` and ``1`` for ``"1"`` (as ``paths`` matches ``"layers/0"``); else None."""
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return str(key)
+    if isinstance(key, str) and key.isdecimal() and str(int(key)) == key:
+        return int(key)
+    return None
+
+
+def _exact_child(tree: Any, key: Any) -> Any:
     if isinstance(tree, Mapping):
         return tree.get(key, _MISSING)
     if isinstance(tree, list | tuple) and isinstance(key, int) and not hasattr(tree, "_fields"):
