@@ -109,6 +109,22 @@ def test_missing_path_lists_closest_paths():
     assert "Closest existing paths: 'params/Dense_0/kernel'" in msg
 
 
+def test_keys_of_another_type_are_named_not_listed_as_the_closest_path():
+    # The int 0 where the tree has the string "0" was reported as "No leaf at path
+    # 'layers/0/w'. Closest existing paths: 'layers/0/w'.": the path it said was missing.
+    tree = {"layers": {"0": {"w": jnp.ones(2)}}}
+    for fn in (
+        lambda: px.register_parametrization(tree, ("layers", 0, "w"), toys.forward_only),
+        lambda: px.tie({**tree, "v": jnp.ones(2)}, "v", ("layers", 0, "w")),
+    ):
+        with pytest.raises(ValueError, match=r"keys there are \('layers', '0', 'w'\)"):
+            fn()
+    # a string index names a list's subtree for tie's source as for selection
+    listed = {"a": [{"x": jnp.ones(2)}], "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match="'a/0' is a subtree"):
+        px.tie(listed, "b", "a/0")
+
+
 def test_subtree_path_and_empty_predicate_are_errors():
     tree = _tree()
     with pytest.raises(ValueError, match="is a subtree, not a leaf"):

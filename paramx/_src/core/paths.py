@@ -241,12 +241,29 @@ def select(
         if _is_marker(marker) and _path_matches(wanted, path):
             # A leaf that holds no array (a tie) says itself why it cannot be selected.
             raise ValueError(marker.refusal(shown, what))
+    retyped = retyped_keys(wanted, [path_keys(p) for p, _ in leaves], what)
+    if retyped:
+        raise ValueError(retyped)
     existing = [format_path(p) for p, _ in leaves]
     close = difflib.get_close_matches(shown, existing, n=5, cutoff=0.5)
     hint = (
         _listing("Closest existing paths", close) if close else _listing("Existing paths", existing)
     )
     raise ValueError(f"No {what} at path {shown!r}. {hint}")
+
+
+def retyped_keys(wanted: Sequence[Any], existing: Sequence[Sequence[Any]], what: str) -> str | None:
+    """The error for keys that read like a leaf's but differ in type (the int ``0`` where the
+    tree has the string ``"0"``), else None: the closest paths would list the path as given."""
+    for keys in existing:
+        if len(keys) == len(wanted) and all(str(w) == str(k) for w, k in zip(wanted, keys)):
+            return (
+                f"No {what} at keys {tuple(wanted)!r}: the tree's keys there are "
+                f"{tuple(keys)!r}, of another type (keys are compared exactly; only a string "
+                f"such as '0' also names a list index or an integer key). Give the keys as the "
+                f"tree has them: {tuple(keys)!r}."
+            )
+    return None
 
 
 def select_parametrized(

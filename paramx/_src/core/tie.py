@@ -356,12 +356,19 @@ def _find(flat: list[tuple[Keys, Any, Any]], wanted: Keys, what: str) -> Keys:
         if len(keys) == len(wanted) and all(paths._key_matches(w, k) for w, k in zip(wanted, keys)):
             return keys
     shown = paths._show_keys(wanted)
-    below = [paths._show_keys(k) for k, _, _ in flat if k[: len(wanted)] == tuple(wanted)]
+    below = [
+        paths._show_keys(k)
+        for k, _, _ in flat
+        if len(k) > len(wanted) and all(paths._key_matches(w, x) for w, x in zip(wanted, k))
+    ]
     if below:
         raise ValueError(
             f"The {what} {shown!r} is a subtree, not a leaf: it holds {', '.join(below[:5])}"
             f"{', ...' if len(below) > 5 else ''}. Give the path of one leaf."
         )
+    retyped = paths.retyped_keys(wanted, [k for k, _, _ in flat], what)
+    if retyped:
+        raise ValueError(retyped)
     raise ValueError(f"No {what} at path {shown!r}. {_closest(wanted, [k for k, _, _ in flat])}")
 
 
