@@ -151,6 +151,21 @@ def test_assign_with_unsafe_allows_a_new_shape():
     assert out["w"].original.shape == (3,)
 
 
+def test_assign_on_a_trainable_half_whose_right_inverse_renews_state_is_refused():
+    # The base orthogonal's right_inverse renews had nowhere to go: the state check suggested
+    # unsafe=True, and with it the new base was dropped when the state half was merged back,
+    # so the tensor silently held another value than the one assigned.
+    k = jax.random.normal(jax.random.key(0), (3, 3))
+    q = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (3, 3)))[0]
+    for unsafe in (False, True):
+        tree = px.register_parametrization({"w": k}, "w", px.Orthogonal(), unsafe=unsafe)
+        params, state = px.split_state(tree)
+        _assign_raises(params, "w", q, r"at w holds no state.*orthogonal.*merge_state")
+        whole = px.assign(px.merge_state(params, state), "w", q)
+        params, state = px.split_state(whole)
+        assert_close(px.materialize(params, state)["w"], q)
+
+
 # --- remove --------------------------------------------------------------------------------------
 def test_remove_leave_parametrized_or_original():
     value = jnp.array([0.5, 2.0], jnp.float32)

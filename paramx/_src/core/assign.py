@@ -185,6 +185,8 @@ def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
             f"it needs concrete values. Assign each tensor of the stack separately, or write the "
             f"right_inverse with jnp operations only."
         ) from None
+    if state and not node.state:
+        _refuse_missing_state(node, state, where_s)
     if not node.unsafe:
         for k, (new, old) in enumerate(zip(originals, node.originals)):
             if new.shape != old.shape:
@@ -198,6 +200,20 @@ def _assign_one(node: Any, value: Any, *, where_s: str) -> Any:
         _check_state(node.state, state, where_s)
     event_ndims = tuple(x.ndim - n_stack for x in originals)
     return node.replace(originals=originals, state=state, event_ndims=event_ndims)
+
+
+def _refuse_missing_state(node: Parametrized, new: dict[str, Any], where_s: str) -> None:
+    """A node without state whose right_inverse renews some is a trainable half: its new
+    state would be dropped when the state half is merged back, and the value computed from
+    the old state (with ``unsafe``), or the state check would suggest ``unsafe``."""
+    links = ", ".join(pz.display_name(node.chain[int(k)]) for k in sorted(new))
+    raise ValueError(
+        f"The tensor at {where_s} holds no state, but assigning to it renews the state of "
+        f"{links}: the tree is the trainable half from `split_state`, and the new state would "
+        f"be lost (the value then computed from the old state). Assign on the whole tree and "
+        f"split it again: `params, state = paramx.split_state(paramx.assign("
+        f"paramx.merge_state(params, state), where, value))`."
+    )
 
 
 def _check_state(old: dict[str, Any], new: dict[str, Any], where_s: str) -> None:
