@@ -187,6 +187,22 @@ def test_remove_drops_state_and_does_not_update_it():
     assert_close(out["w"], jnp.array([2.0, 0.0], jnp.float32))  # divided by the stored state, 2.0
 
 
+def test_a_misspelled_path_suggests_parametrized_tensors_only():
+    # remove_parametrizations and assign suggested plain leaves, which they then refused.
+    tree = {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "Dense_1": {}}
+    tree["Dense_1"]["kernel"] = jnp.ones((2, 2))
+    tree = px.register_parametrization(tree, "Dense_0/kernel", toys.symmetric)
+    for fn in (
+        lambda: px.remove_parametrizations(tree, "Dense_0/kernal"),
+        lambda: px.assign(tree, "Dense_0/kernal", jnp.ones((2, 2))),
+    ):
+        with pytest.raises(ValueError, match=r"Closest existing paths: 'Dense_0/kernel'\.$"):
+            fn()
+    plain = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match="Nothing in this tree is parametrized"):
+        px.remove_parametrizations(plain, "x")
+
+
 def test_remove_with_a_predicate_and_several_originals():
     tree = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones(2)}
     tree = px.register_parametrization(tree, "a", toys.rank_one)

@@ -244,7 +244,10 @@ def select(
     retyped = retyped_keys(wanted, [path_keys(p) for p, _ in leaves], what)
     if retyped:
         raise ValueError(retyped)
-    existing = [format_path(p) for p, _ in leaves]
+    # Only what the caller can take is suggested: a parametrized tensor for `assign`, say.
+    existing = [format_path(p) for p, leaf in leaves if not only_parametrized or is_node(leaf)]
+    if only_parametrized and not existing:
+        raise ValueError(f"No {what} at path {shown!r}. Nothing in this tree is parametrized.")
     close = difflib.get_close_matches(shown, existing, n=5, cutoff=0.5)
     hint = (
         _listing("Closest existing paths", close) if close else _listing("Existing paths", existing)
