@@ -260,6 +260,21 @@ def test_stacked_layers_share_one_array_by_broadcasting():
     assert_close(jax.grad(loss)(tree)["shared"], jax.grad(hand)(shared))
 
 
+def test_a_stacked_tie_under_jax_vmap_over_the_stack_reads_its_own_layer():
+    # Each vmapped layer broadcast its source to the whole recorded stack: the tied leaf came
+    # out (3, 3, 2, 4), each layer holding three copies of its source, instead of (3, 2, 4).
+    enc = jax.random.normal(jax.random.key(3), (3, 4, 2), jnp.float64)
+    tree = {"enc": enc, "dec": jnp.zeros((3, 2, 4), jnp.float64)}
+    tree = px.tie(tree, "dec", "enc", transform=jnp.matrix_transpose)
+    plain = jax.vmap(px.materialize)(tree)
+    assert plain["dec"].shape == (3, 2, 4)
+    assert_close(plain["dec"], px.materialize(tree)["dec"])
+    assert_close(plain["dec"], jnp.matrix_transpose(enc))
+    shared = {"shared": enc[0], "layers": jnp.zeros((3, 4, 2), jnp.float64)}
+    shared = px.tie(shared, "layers", "shared")  # broadcast along the stack: as before
+    assert_close(px.materialize(shared)["layers"], jnp.broadcast_to(enc[0], (3, 4, 2)))
+
+
 # ----- linen and NNX -------------------------------------------------------------------------
 
 

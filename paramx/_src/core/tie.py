@@ -44,6 +44,7 @@ class _TieAux(NamedTuple):
     transform: Callable[[Any], Any] | None
     shape: tuple[int, ...]  # the tied leaf's shape and dtype
     dtype: str
+    broadcast: int = 0  # how many leading axes of `shape` the source's value is broadcast along
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -82,9 +83,15 @@ class Tied:
         transform: Callable[[Any], Any] | None,
         shape: Sequence[int],
         dtype: Any,
+        broadcast: int = 0,
     ):
         self._aux = _TieAux(
-            int(up), tuple(down), transform, tuple(int(d) for d in shape), jnp.dtype(dtype).name
+            int(up),
+            tuple(down),
+            transform,
+            tuple(int(d) for d in shape),
+            jnp.dtype(dtype).name,
+            int(broadcast),
         )
 
     @property
@@ -102,6 +109,15 @@ class Tied:
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self._aux.dtype)
+
+    def target_shape(self, value_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape a value of ``value_shape`` (the transformed source) is broadcast to: the
+        tied leaf's. Under ``jax.vmap`` over the tree's stack axis the value lacks that axis,
+        and so must the result: only the axes the tie broadcasts along are added then."""
+        n = self._aux.broadcast
+        if len(self._aux.shape) - len(value_shape) > n:
+            return (*self._aux.shape[:n], *value_shape)
+        return self._aux.shape
 
     def source_keys(self, at: Keys) -> Keys:
         """The source's absolute keys, for a tied leaf at keys ``at``."""
@@ -338,7 +354,9 @@ def tie(
         common = 0
         while common < min(len(keys), len(src_keys)) and keys[common] == src_keys[common]:
             common += 1
-        tied = Tied(len(keys) - 1 - common, src_keys[common:], transform, spec.shape, spec.dtype)
+        up, down = len(keys) - 1 - common, src_keys[common:]
+        broadcast = len(spec.shape) - len(out_spec.shape)
+        tied = Tied(up, down, transform, spec.shape, spec.dtype, broadcast)
         new[i] = paths.rebox(box, tied)
     return jax.tree_util.tree_unflatten(treedef, new)
 
@@ -430,7 +448,7 @@ def fill(plain: Any, value_of: Callable[[Keys, Any], Any] | None = None) -> Any:
                     f"{_describe(value)}. The source changed since the tie was made; tie again."
                 )
             if tuple(value.shape) != leaf.shape:
-                value = jnp.broadcast_to(value, leaf.shape)
+                value = jnp.broadcast_to(value, leaf.target_shape(value.shape))
         values[keys] = value
         return value
 
