@@ -51,7 +51,10 @@ def assign(tree: Any, where: paths.Where, value: Any) -> Any:
     """
     paths.check_where(where)
     if not checks.is_array(value):
-        raise ValueError(f"Can only assign an array; got {checks.type_name(value)}.")
+        raise ValueError(
+            f"assign to {paths.describe_where(where)}: can only assign an array; got "
+            f"{checks.type_name(value)}. Pass it as an array (jnp.asarray)."
+        )
     value = jnp.asarray(value)
     replacements = {}
     for i, where_s, node in paths.select_parametrized(
@@ -91,7 +94,10 @@ def assign_tensor(node: Parametrized, value: Any, *, label: str = "<tensor>") ->
             f"right_inverse to run. Register a parametrization first, or replace the array."
         )
     if not checks.is_array(value):
-        raise ValueError(f"Can only assign an array; got {checks.type_name(value)}.")
+        raise ValueError(
+            f"assign to {label}: can only assign an array; got {checks.type_name(value)}. Pass "
+            f"it as an array (jnp.asarray)."
+        )
     return _assign_node(node, jnp.asarray(value), label)
 
 
