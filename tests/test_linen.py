@@ -318,6 +318,30 @@ def test_parametrization_is_evaluated_once_per_apply(kind):
     assert len(nodes) == 1 and float(jnp.abs(nodes[0].original).sum()) > 0
 
 
+def test_a_call_after_a_jax_loop_does_not_reuse_the_loops_tracer():
+    # The per-apply memo handed the value computed inside the fori_loop body (a tracer of
+    # that trace) to the call after the loop: UnexpectedTracerError, where plain Flax works.
+    class Loop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            cell = px.linen.Parametrize(nn.Dense(4), {"kernel": px.Orthogonal()})
+            if self.is_initializing():
+                return cell(x)
+            h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(cell(h)), x)
+            return cell(h)
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            cell = nn.Dense(4)
+            return cell(jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(cell(h)), x))
+
+    v = Loop().init(jax.random.key(0), X)
+    want = Plain().apply({"params": px.materialize(v["params"], v["paramx_state"])}, X)
+    assert_close(Loop().apply(v, X), want)
+    assert_close(jax.jit(Loop().apply)(v, X), want)
+
+
 # --- training -----------------------------------------------------------------------------------
 def test_training_with_optax_keeps_the_constraints():
     model = px.linen.Parametrize(

@@ -8,6 +8,7 @@ import threading
 import weakref
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -242,6 +243,37 @@ def test_cached_is_per_thread():
         thread.join()
         assert layer.kernel is a
     assert seen == [None]
+
+
+def test_cached_never_hands_a_read_after_a_loop_the_loops_tracer():
+    # A value computed inside a scan body (or a jax.jit) is a tracer of that trace: the cache
+    # gave it to the next read after the loop (UnexpectedTracerError), while a value computed
+    # before the loop still serves the reads in its body (no second state update there).
+    x = jnp.ones((1, 3), F32)
+    layer = pnx.orthogonal(nnx.Linear(3, 3, rngs=nnx.Rngs(0)))
+    k, b = layer.kernel, layer.bias[...][None]
+    want = jnp.tanh(jnp.tanh(x @ k + b) @ k + b) @ k + b
+
+    @nnx.jit
+    def loop_first(m, x):
+        with pnx.cached():
+            h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(m(h)), None), x, None, length=2)
+            return m(h)
+
+    assert_close(loop_first(layer, x), want)
+    with pnx.cached():
+        jax.jit(lambda x: layer(x))(x)
+        assert_close(layer.kernel, layer.parametrizations["kernel"]())
+
+    @nnx.jit
+    def read_first(m, x):  # training mode: the state is updated once, outside the loop
+        with pnx.cached():
+            h = m(x)
+            h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(m(h)), None), h, None, length=2)
+            return m(h)
+
+    sn = pnx.spectral_norm(nnx.Linear(3, 3, rngs=nnx.Rngs(1)))
+    assert read_first(sn, x).shape == (1, 3)
 
 
 def test_one_generated_class_per_class_held_weakly():

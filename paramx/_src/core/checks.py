@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import find_top_trace, get_opaque_trace_state
 
 from paramx._src.core.node import Parametrized
 
@@ -30,6 +31,31 @@ NEEDS_CONCRETE = (
 
 def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def current_trace() -> Any:
+    """The JAX trace that values are computed in now (compared with ``==``)."""
+    return get_opaque_trace_state(convention="paramx")
+
+
+def reusable(trace: Any, value: Any) -> bool:
+    """Whether ``value`` (a pytree), computed in ``trace`` (a :func:`current_trace`), can be
+    used in the current trace: always in the same trace, and elsewhere when each of its
+    tracers belongs to a trace the current one runs inside (a value computed before a
+    ``jax.lax.scan`` read in its body). A tracer of a trace that has ended (a scan body's
+    value read after the scan) has escaped it: ``False``, so the caller computes again.
+    Where the nesting cannot be told, the answer is ``False`` (computing again is safe)."""
+    if trace == current_trace():
+        return True
+    tracers = [x for x in jax.tree_util.tree_leaves(value) if isinstance(x, jax.core.Tracer)]
+    if not tracers:
+        return True
+    enclosing: list[Any] = []
+    t = find_top_trace(())
+    while t is not None:
+        enclosing.append(t)
+        t = getattr(t, "parent_trace", None)
+    return all(any(getattr(x, "_trace", None) is e for e in enclosing) for x in tracers)
 
 
 def type_name(x: Any) -> str:

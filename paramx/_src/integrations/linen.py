@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import yaml
 
+from paramx._src.core import checks, paths, tie
 from paramx._src.core import parametrization as pz
-from paramx._src.core import paths, tie
 from paramx._src.core.materialize import materialize
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.register import register_parametrization
@@ -277,20 +277,27 @@ class _Memo:
 
     Created in ``setup``, which Flax runs anew on every bound copy of the module (each
     ``init`` / ``apply``, each trace of a lifted transform), so it never outlives one call of
-    the model. An entry is reused only for the very arrays it was computed from.
+    the model. An entry is reused only for the very arrays it was computed from, and only
+    where its values can be used: not after the JAX trace that computed them has ended (a
+    call inside ``jax.lax.fori_loop``'s body, then one after the loop).
     """
 
     __slots__ = ("entry",)
 
     def __init__(self) -> None:
-        self.entry: tuple[tuple[Any, ...], bool, Any] | None = None
+        self.entry: tuple[tuple[Any, ...], bool, Any, Any] | None = None
 
     def get(self, leaves: tuple[Any, ...], update: bool) -> Any:
         if self.entry is None:
             return None
-        old, old_update, plain = self.entry
+        old, old_update, trace, plain = self.entry
         same = len(old) == len(leaves) and all(a is b for a, b in zip(old, leaves))
-        return plain if same and old_update == update else None
+        if not (same and old_update == update):
+            return None
+        return plain if checks.reusable(trace, plain) else None
+
+    def put(self, leaves: tuple[Any, ...], update: bool, plain: Any) -> None:
+        self.entry = (leaves, update, checks.current_trace(), plain)
 
 
 class Parametrize(nn.Module):
@@ -735,7 +742,7 @@ class Parametrize(nn.Module):
                     f"'{scol}': 0}}; nn.vmap(..., variable_axes={{'{col}': 0, '{scol}': 0}}). "
                     f"With model.apply, pass variables['{scol}'] with variables['{col}']."
                 ) from e
-            memo.entry = (leaves, update, plain)
+            memo.put(leaves, update, plain)
             return {**cols, col: plain, scol: new_state}
 
         def unview(cols: dict) -> dict:

@@ -4,7 +4,10 @@
 The cache is a dict created when the outermost ``with cached():`` opens and dropped when it
 closes; nested blocks share it (torch's semantics). It is reached through a
 :class:`contextvars.ContextVar`, so each thread (and each asyncio task) sees its own block,
-and nothing outlives the block: there is no module-level dict.
+and nothing outlives the block: there is no module-level dict. An entry records the JAX trace
+that computed it: a value computed inside ``jax.lax.scan``'s body (or ``jax.jit``,
+``jax.vmap``) is a tracer of that trace, which a read after it must not get, while a value
+computed before the scan serves the reads in its body.
 """
 
 from __future__ import annotations
@@ -16,22 +19,28 @@ from typing import Any
 
 import jax
 
-# The open block's entries: id(list) -> (list, the arrays it read, the value). None outside.
-_SCOPE: contextvars.ContextVar[dict[int, tuple[Any, tuple[Any, ...], jax.Array]] | None] = (
-    contextvars.ContextVar("paramx_nnx_cached", default=None)
+from paramx._src.core import checks
+
+# The open block's entries: id(list) -> (list, the trace that computed the value, the arrays
+# it read, the value). None outside a block.
+_Entry = tuple[Any, Any, tuple[Any, ...], jax.Array]
+_SCOPE: contextvars.ContextVar[dict[int, _Entry] | None] = contextvars.ContextVar(
+    "paramx_nnx_cached", default=None
 )
 
 
 def lookup(plist: Any) -> jax.Array | None:
     """The value computed for ``plist`` in the open block, if its Variables still hold the
-    arrays it was computed from."""
+    arrays it was computed from and the value can be used in the current trace."""
     entries = _SCOPE.get()
     if entries is None:
         return None
     entry = entries.get(id(plist))
     if entry is None or entry[0] is not plist:
         return None
-    _, raw, value = entry
+    _, trace, raw, value = entry
+    if not checks.reusable(trace, value):
+        return None
     now = plist._raw()
     if len(raw) == len(now) and all(a is b for a, b in zip(raw, now)):
         return value
@@ -42,7 +51,7 @@ def store(plist: Any, value: jax.Array) -> None:
     """Keeps ``value`` for ``plist`` until the open block closes (nothing outside a block)."""
     entries = _SCOPE.get()
     if entries is not None:
-        entries[id(plist)] = (plist, plist._raw(), value)
+        entries[id(plist)] = (plist, checks.current_trace(), plist._raw(), value)
 
 
 @contextlib.contextmanager
