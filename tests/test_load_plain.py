@@ -219,6 +219,48 @@ def test_nnx_errors_leave_the_module_unchanged():
     assert report.missing == ("bn/mean",)
 
 
+class NNXAutoEncoder(nnx.Module):
+    def __init__(self, seed):
+        rngs = nnx.Rngs(seed)
+        self.enc = nnx.Linear(4, 2, rngs=rngs)
+        self.dec = nnx.Linear(2, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dec(self.enc(x))
+
+
+def test_nnx_a_tie_exports_and_loads_as_the_plain_models_tensors():
+    # nnx.state files the source's Variables under the tied attribute (dec before enc):
+    # plain_state gave {'dec': {'kernel': {'source': ...}}} (no 'enc'), which nnx.update
+    # wrote into a plain model, breaking it, and load_plain refused the plain model's state.
+    model = NNXAutoEncoder(1)
+    pnx.orthogonal(model.enc)
+    pnx.tie(model.dec, "kernel", model.enc, "kernel", transform=jnp.transpose)
+    state = pnx.plain_state(model)
+    plain = NNXAutoEncoder(2)
+    assert jax.tree.structure(state) == jax.tree.structure(nnx.state(plain))
+    nnx.update(plain, state)
+    x = jnp.ones((2, 4), F32)
+    model.eval()
+    np.testing.assert_allclose(plain(x), model(x), rtol=1e-6)
+    assert isinstance(vars(model.dec)["kernel"], pnx.Tied)  # the module is unchanged
+
+    pretrained = NNXAutoEncoder(3)
+    report = pnx.load_plain(model, nnx.state(pretrained))
+    assert sorted((e.path, e.action) for e in report.entries) == [
+        ("dec/bias", "copied"),
+        ("dec/kernel", "tied"),
+        ("enc/bias", "copied"),
+        ("enc/kernel", "projected"),
+    ]
+    q = model.enc.kernel
+    np.testing.assert_allclose(q.T @ q, np.eye(2), atol=1e-5)
+    np.testing.assert_allclose(model.dec.kernel[...], q.T)
+    np.testing.assert_allclose(model.dec.bias[...], pretrained.dec.bias[...])
+    del state["dec"]["kernel"]  # a tied tensor needs no value
+    assert pnx.load_plain(model, state).copied == ["dec/bias", "enc/bias"]
+
+
 def test_nnx_stacked_layers():
     @nnx.vmap(in_axes=0, out_axes=0)
     def make(key):

@@ -33,6 +33,7 @@ from paramx._src.integrations.nnx.container import (
 )
 from paramx._src.integrations.nnx.register import check_module, label_of
 from paramx._src.integrations.nnx.remove import remove_parametrizations
+from paramx._src.integrations.nnx.tie import Tied, tied_attributes, untie
 
 Keys = tuple[Any, ...]
 
@@ -63,12 +64,28 @@ def _plain_values(plain_state: Any) -> dict[Keys, Any]:
     return out
 
 
-def _tensors(module: nnx.Module) -> list[Keys]:
+class _TiedSlot(nnx.Variable):
+    """Stands for a :class:`Tied` attribute while :func:`_tensors` lists paths."""
+
+
+def _tensors(module: nnx.Module) -> tuple[list[Keys], set[Keys]]:
     """The tensor paths of ``module``: Variables, a parametrized tensor counted once at
-    ``<module path>/<name>``; RNG state and parametrization state left out."""
+    ``<module path>/<name>``; RNG state and parametrization state left out. And, apart, the
+    paths of tied attributes (:func:`paramx.nnx.tie`), which read their source: in
+    ``nnx.state`` a tie files the source's Variables under the tied attribute when NNX meets
+    it first, so the paths are read with each tie replaced by a stand-in, on a copy."""
+    tied = tied_attributes(module)
+    if tied:
+        module = nnx.clone(module)
+        for owner, name in tied_attributes(module):
+            setattr(owner, name, _TiedSlot(jnp.zeros(())))
     flat = jax.tree_util.tree_flatten_with_path(nnx.state(module), is_leaf=is_variable)[0]
     seen: dict[Keys, None] = {}
+    slots: set[Keys] = set()
     for path, leaf in flat:
+        if isinstance(leaf, _TiedSlot):
+            slots.add(tuple(paths.path_keys(path)))
+            continue
         if isinstance(leaf, (nnx.RngState, ParametrizationState)):
             continue
         keys = tuple(paths.path_keys(path))
@@ -78,7 +95,7 @@ def _tensors(module: nnx.Module) -> list[Keys]:
             i = keys.index(CONTAINER)
             keys = (*keys[:i], keys[i + 1])
         seen.setdefault(keys, None)
-    return list(seen)
+    return list(seen), slots
 
 
 def _child(owner: Any, key: Any) -> Any:
@@ -99,8 +116,9 @@ def load_plain(module: nnx.Module, plain_state: Any, *, strict: bool = True) -> 
     through its chain's ``right_inverse`` (as ``module.<name> = value``), a plain Variable
     (Param, BatchStat, ...) gets the value (converted to its dtype when of the same kind). The
     report is :func:`paramx.load_plain`'s: per parametrized tensor, the relative distance
-    ``‖forward(right_inverse(w)) − w‖ / ‖w‖``. Everything is computed and checked before the
-    first write, so on an error the module is unchanged.
+    ``‖forward(right_inverse(w)) − w‖ / ‖w‖``. An attribute tied by :func:`paramx.nnx.tie`
+    reads its source, so its value is not loaded (reported as ``"tied"``). Everything is
+    computed and checked before the first write, so on an error the module is unchanged.
 
     Args:
       module: An NNX module registered with ``paramx.nnx`` (or not).
@@ -136,7 +154,7 @@ def load_plain(module: nnx.Module, plain_state: Any, *, strict: bool = True) -> 
     if not isinstance(strict, bool):
         raise TypeError(f"`strict` must be a bool; got {strict!r}.")
     values = _plain_values(plain_state)
-    targets = _tensors(module)
+    targets, tied = _tensors(module)
     writes: list[tuple[nnx.Variable, Any]] = []
     entries: list[LoadEntry] = []
     unexpected: list[str] = []
@@ -164,6 +182,10 @@ def load_plain(module: nnx.Module, plain_state: Any, *, strict: bool = True) -> 
             loaded.add(keys)
             continue
         var = _child(owner, name) if owner is not None else None
+        if isinstance(var, Tied) and keys in tied:  # reads its source: nothing to load
+            entries.append(LoadEntry(where, "tied"))
+            loaded.add(keys)
+            continue
         if not isinstance(var, nnx.Variable) or isinstance(
             var, (nnx.RngState, ParametrizationState)
         ):
@@ -187,9 +209,9 @@ def plain_state(module: nnx.Module) -> nnx.State:
 
     What ``nnx.state(plain_model)`` would hold for the same model without parametrizations
     (``.../kernel`` instead of ``.../parametrizations/kernel/original``; parametrization
-    state dropped), computed without a state update (torch's eval mode) on a copy:
-    ``module`` is not modified. Load it into a plain model with ``nnx.update(plain_model,
-    state)`` and write that model as a torch ``state_dict`` with
+    state dropped, a tied attribute holding its value), computed without a state update
+    (torch's eval mode) on a copy: ``module`` is not modified. Load it into a plain model
+    with ``nnx.update(plain_model, state)`` and write that model as a torch ``state_dict`` with
     ``paramx.interop.to_torch_state_dict(plain_model)``. Stacked layers (``nnx.vmap``) keep
     their leading axes.
 
@@ -225,4 +247,6 @@ def plain_state(module: nnx.Module) -> nnx.State:
     for owner in owners:
         for name in list(vars(owner)[CONTAINER]):
             remove_parametrizations(owner, name, leave_parametrized=True)
+    for owner, name in tied_attributes(copy):  # the plain model holds a tied value itself
+        untie(owner, name)
     return nnx.state(copy)

@@ -174,6 +174,17 @@ def tie(
     setattr(module, name, Tied(source_module, source_name, transform, type(current)))
 
 
+def tied_attributes(root: Any) -> list[tuple[nnx.Module, str]]:
+    """``(module, name)`` for every :class:`Tied` attribute of the modules in ``root``'s graph."""
+    out: list[tuple[nnx.Module, str]] = []
+    seen: set[int] = set()
+    for _, node in nnx.iter_graph(root):
+        if isinstance(node, nnx.Module) and id(node) not in seen:
+            seen.add(id(node))
+            out += [(node, k) for k, v in vars(node).items() if isinstance(v, Tied)]
+    return out
+
+
 def untie(module: nnx.Module, name: str) -> None:
     """Gives a tied attribute its own Variable again, holding the current tied value.
 
