@@ -342,6 +342,34 @@ def test_a_call_after_a_jax_loop_does_not_reuse_the_loops_tracer():
     assert_close(jax.jit(Loop().apply)(v, X), want)
 
 
+def test_a_parametrize_inside_a_wrapped_module_keeps_its_state():
+    # Wrapping a module that has a stateful Parametrize inside: the outer wrapper's init
+    # replaced the state collection with its own (the inner spectral norm lost u and v: a
+    # "needs its state" error at init), and at apply the inner wrapper met its state next to
+    # the kernel the outer one had computed already.
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = px.linen.Parametrize(nn.Dense(4), {"kernel": px.SpectralNorm()})(x)
+            return nn.Dense(3)(x)
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4)(x)
+            return nn.Dense(3)(x)
+
+    model = px.linen.Parametrize(Inner(), {"Dense_1/kernel": px.Orthogonal()})
+    v = model.init(jax.random.key(0), X)
+    assert sorted(v["paramx_state"]) == ["Dense_0", "Dense_1"]
+    plain = px.materialize(v["params"], v["paramx_state"])
+    assert_close(model.apply(v, X), Plain().apply({"params": plain}, X))
+    _, new = model.apply(v, X, use_running_average=False, mutable=["paramx_state"])
+    _, want = px.materialize(v["params"], v["paramx_state"], update_state=True)
+    for a, b in zip(jax.tree.leaves(new["paramx_state"]), jax.tree.leaves(want), strict=True):
+        assert_close(a, b)  # one power-iteration step, as the core takes it
+
+
 # --- training -----------------------------------------------------------------------------------
 def test_training_with_optax_keeps_the_constraints():
     model = px.linen.Parametrize(

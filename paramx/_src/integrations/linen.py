@@ -726,7 +726,8 @@ class Parametrize(nn.Module):
             update = self._should_update(flag, tree)
             plain = memo.get(leaves, update)
             if plain is not None:
-                return {**cols, col: plain, scol: state}
+                seen["state"] = state
+                return {**cols, col: plain, scol: {}}
             try:
                 if update:
                     plain, new_state = materialize(tree, update_state=True)
@@ -743,21 +744,28 @@ class Parametrize(nn.Module):
                     f"With model.apply, pass variables['{scol}'] with variables['{col}']."
                 ) from e
             memo.put(leaves, update, plain)
-            return {**cols, col: plain, scol: new_state}
+            # The wrapped module sees plain arrays, and no state: a Parametrize inside it
+            # finds its tensors computed already (this one ran their chains) and passes them on.
+            seen["state"] = new_state
+            return {**cols, col: plain, scol: {}}
 
         def unview(cols: dict) -> dict:
             out = dict(cols)
-            if col in out:
-                if "raw" in seen:
+            if "raw" in seen:
+                if col in out:
                     out[col] = seen["raw"]
-                elif registering:
-                    # Drawn after the wrapped module's initializers ran: their draws are the
-                    # ones the unwrapped module would make.
-                    tree = _register(self, out[col], self.make_rng("params"))
-                    registered, new_state = split_state(tree)
-                    out[col] = _as_arrays(registered, out[col]) if arrays else registered
-                    if new_state:
-                        out[scol] = new_state
+                out[scol] = seen["state"]  # written back only where the collection is mutable
+            elif col in out and registering:
+                # Drawn after the wrapped module's initializers ran: their draws are the
+                # ones the unwrapped module would make. A Parametrize inside the wrapped
+                # module has registered its tensors already: their state is kept.
+                held = out.get(scol) or {}
+                tree = merge_state(out[col], held) if held else out[col]
+                tree = _register(self, tree, self.make_rng("params"))
+                registered, new_state = split_state(tree)
+                out[col] = _as_arrays(registered, out[col]) if arrays else registered
+                if new_state:
+                    out[scol] = new_state
             return out
 
         mapped = nn.map_variables(fn, (col, scol), view, unview, init=registering, mutable=True)
