@@ -130,6 +130,28 @@ def test_stacks_are_ordered_per_tensor():
     np.testing.assert_allclose(px.tensor.materialize(node), stack, rtol=1e-12, atol=1e-12)
 
 
+def test_a_stack_with_a_non_negative_axis_is_checked_per_tensor():
+    # axis=0 counts the axes of each tensor, not the stack's: the eager check must not order
+    # along the stack axis (a valid stack was refused) nor miss a decrease along the tensor's
+    # own axis 0 (it gave NaN originals under vmap).
+    good = jnp.array([[0.0, 1.0, 2.0], [-5.0, -4.0, -3.0]])  # two vectors, each increasing
+    tree = ordered({"w": good}, "w", axis=0, batch_axes=1)
+    np.testing.assert_allclose(px.materialize(tree)["w"], good, atol=1e-6)
+    bad = jnp.array([[0.0, 2.0, 1.0], [1.0, 3.0, 2.0]])  # increasing along the stack only
+    with pytest.raises(ValueError, match=r"strictly increasing.*\(at w\)"):
+        ordered({"w": bad}, "w", axis=0, batch_axes=1)
+    with pytest.raises(ValueError, match=r"strictly increasing.*\(at w\)"):
+        px.assign(tree, "w", bad)
+    layer = nnx.vmap(lambda k: nnx.Linear(2, 3, rngs=nnx.Rngs(k)))(
+        jax.random.split(jax.random.key(0), 2)
+    )
+    layer.kernel[...] = jnp.stack([jnp.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], jnp.float32)] * 2)
+    pnx.ordered(layer, axis=0, batch_axes=1)
+    assert bool(jnp.all(jnp.isfinite(layer.kernel[...])))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        layer.kernel = jnp.stack([jnp.array([[3.0, 1.0, 2.0], [0.0, 4.0, 5.0]], jnp.float32)] * 2)
+
+
 def test_samples_are_sorted_standard_normals():
     s = Ordered().sample(jax.random.key(3), (3000, 3), jnp.float64)
     assert bool(jnp.all(jnp.diff(s, axis=-1) > 0))

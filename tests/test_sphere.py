@@ -261,8 +261,13 @@ def test_check_value_refuses_a_zero_slice_of_a_stack_and_in_nnx():
     layer.kernel[...] = layer.kernel[...].at[:, 1].set(0.0)
     with pytest.raises(ValueError, match=r"zero.*Linear\.kernel"):
         torch_function(Sphere)(layer, axis=-2)
-    # A non-negative axis would count the stack axis the eager check cannot see: a valid stack
-    # whose entry (0, 1) is zero in every layer is not refused (each column is a unit vector).
+    # The core passes the stack's batch_axes, so a non-negative axis counts the axes of each
+    # tensor: a valid stack whose entry (0, 1) is zero in every layer is not refused (each
+    # column is a unit vector), and a zero column of one layer is.
     eye = jnp.stack([jnp.eye(4, 3)] * 2)
     tree = sphere({"w": eye}, "w", axis=0, batch_axes=1)
     np.testing.assert_allclose(px.materialize(tree)["w"], eye)
+    with pytest.raises(ValueError, match=r"1 slice\(s\) along axis=0 are zero.*\(at w\)"):
+        sphere({"w": eye.at[1, :, 2].set(0.0)}, "w", axis=0, batch_axes=1)
+    with pytest.raises(ValueError, match=r"zero.*\(at w\)"):
+        px.assign(tree, "w", eye.at[0, :, 1].set(0.0))

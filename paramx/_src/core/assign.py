@@ -112,7 +112,7 @@ def _tensor_shape(node: Parametrized, where_s: str) -> tuple[int, ...] | None:
 
 
 def _assign_node(node: Parametrized, value: Any, where_s: str) -> Parametrized:
-    checks.check_value(node.chain[-1], value, where_s)
+    checks.check_value(node.chain[-1], value, where_s, ch.stack_axes(node, where_s))
     inexact = [
         pz.display_name(p) for p in node.chain if getattr(p, "right_inverse_exact", True) is False
     ]

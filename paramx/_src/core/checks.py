@@ -8,6 +8,7 @@ and add the path and what to do.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import sys
 from collections.abc import Iterator
@@ -177,13 +178,16 @@ def check_assigned(new: Any, node: Parametrized, *, where: str) -> tuple[Any, ..
     return tuple(jnp.asarray(x) for x in new)
 
 
-def check_value(p: Any, value: Any, where: str) -> None:
+def check_value(p: Any, value: Any, where: str, batch_axes: int | None = None) -> None:
     """Runs a link's declared ``check_value(value)`` on a concrete value, eagerly.
 
     A parametrization whose set is open (positive, an interval, strictly increasing) cannot
     map a value outside it anywhere sensible, and the check needs concrete values: under
     ``jit`` or ``vmap`` (stacks, compiled registration) it cannot run. Callers run this before
-    they trace, so the value a user gives is checked whatever runs next.
+    they trace, so the value a user gives is checked whatever runs next. ``batch_axes``, when
+    the caller knows it, is how many leading axes of ``value`` are a stack; it is passed on to a
+    ``check_value`` that takes a ``batch_axes`` keyword (one whose options count axes without
+    the stack, such as ``Ordered(axis=0)``), so that it checks each tensor of the stack.
     """
     fn = getattr(p, "check_value", None)
     if not (callable(fn) and callable(getattr(p, "forward", None))):
@@ -191,4 +195,14 @@ def check_value(p: Any, value: Any, where: str) -> None:
     if isinstance(value, jax.core.Tracer) or not isinstance(value, (jax.Array, np.ndarray)):
         return
     with at_path(where):
-        fn(value)
+        if batch_axes is not None and _takes_batch_axes(fn):
+            fn(value, batch_axes=batch_axes)
+        else:
+            fn(value)
+
+
+def _takes_batch_axes(fn: Any) -> bool:
+    try:
+        return "batch_axes" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C extension)
+        return False

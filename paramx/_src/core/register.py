@@ -146,13 +146,17 @@ def register_tensor(
     return _register_leaf(leaf, parametrization, unsafe, key, batch_axes, label)
 
 
-def check_input(p: Any, leaf: Any, where: str) -> None:
+def check_input(p: Any, leaf: Any, where: str, batch_axes: int = 0) -> None:
     """The link's declared ``check_value`` on what it will be registered on (the leaf, or a
-    node's current value when appending), run eagerly on concrete values."""
+    node's current value when appending), run eagerly on concrete values; ``batch_axes`` is the
+    leaf's (a node's own stack axes when appending)."""
     if not callable(getattr(p, "check_value", None)):
         return
-    value = ch.node_value(leaf, where=where)[0] if is_node(leaf) else leaf
-    checks.check_value(p, value, where)
+    if is_node(leaf):
+        value, batch_axes = ch.node_value(leaf, where=where)[0], ch.stack_axes(leaf, where)
+    else:
+        value = leaf
+    checks.check_value(p, value, where, batch_axes)
 
 
 def _check_options(parametrization: Any, unsafe: Any, batch_axes: Any) -> None:
@@ -169,7 +173,7 @@ def _check_options(parametrization: Any, unsafe: Any, batch_axes: Any) -> None:
 def _register_leaf(
     leaf: Any, p: Any, unsafe: bool, key: jax.Array, batch_axes: int, where: str
 ) -> Parametrized:
-    check_input(p, leaf, where)
+    check_input(p, leaf, where, batch_axes)
     step = _append if is_node(leaf) else _first
     # Under explicit sharding, QR and friends only type-check in auto mode (a no-op
     # otherwise); the new node's arrays keep their inputs' shardings.

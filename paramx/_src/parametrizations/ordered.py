@@ -135,11 +135,23 @@ class Ordered:
         x = jnp.concatenate([y[..., :1], inv], axis=-1)
         return jnp.moveaxis(x, -1, axis).astype(value.dtype)
 
-    def check_value(self, value: jax.Array) -> None:
+    def check_value(self, value: jax.Array, *, batch_axes: int = 0) -> None:
         """Raises a ValueError if a concrete ``value`` is not strictly increasing along
         ``axis``; does nothing for a traced one (under ``jit`` / ``vmap``), whose ties give
-        originals of ``-inf`` and decreases NaN."""
-        axis = _check(value, self.axis)
+        originals of ``-inf`` and decreases NaN.
+
+        ``batch_axes`` leading axes of ``value`` are a stack (the core passes the registered
+        stack's), and ``axis`` counts the axes of each tensor without them, as in
+        :func:`ordered`.
+        """
+        batch_axes = numerics.option_int(_OWNER, "batch_axes", batch_axes)
+        if not 0 <= batch_axes <= value.ndim:
+            raise ValueError(
+                f"{_OWNER}: batch_axes={batch_axes} for an array of shape {list(value.shape)}; "
+                f"it must be between 0 and {value.ndim}."
+            )
+        event = jax.ShapeDtypeStruct(value.shape[batch_axes:], value.dtype)
+        axis = batch_axes + _check(event, self.axis)
         if not _concrete(value):
             return
         steps = jnp.diff(value.astype(numerics.compute_dtype(value.dtype)), axis=axis)

@@ -18,12 +18,9 @@ by the largest magnitude of the slice, so slices whose squares would underflow o
 keep their direction. ``right_inverse`` is the nearest point ``radius · x / ‖x‖`` (exact on
 the sphere); at ``x = 0`` every point of the sphere is equally near, so a zero slice is refused
 with a ValueError naming the path when the value is concrete (``check_value``, which the core
-runs eagerly before it traces anything: also for a stack registered with ``batch_axes`` and for
-``paramx.nnx``'s compiled registration). That eager check sees a stack's axes without knowing
-how many there are: it checks each slice when ``axis`` is negative (the same slices whatever the
-stack), and otherwise only that the whole value is not zero. Inside a user's own ``jax.jit`` /
-``vmap``, and for the slices of a stack the eager check could not tell apart, a zero slice maps
-to the fallback point.
+runs eagerly before it traces anything, passing a stack's ``batch_axes``: also for a stack
+registered with ``batch_axes`` and for ``paramx.nnx``'s compiled registration). Inside a user's
+own ``jax.jit`` / ``vmap`` a zero slice maps to the fallback point.
 bfloat16 and float16 tensors are normalized in float32 and rounded back.
 
 Batches in ``sample`` / ``in_manifold`` / ``distance``. These see a tensor with leading batch
@@ -197,12 +194,11 @@ class Sphere:
         sphere is equally near it); does nothing for a traced one (under ``jit`` / ``vmap``),
         where a zero vector maps to ``radius · e₁``.
 
-        The core runs it before it traces anything (also for stacks and ``paramx.nnx``), on a
-        value that may carry stack axes it does not name. ``batch_axes=None`` (that call) checks
-        what holds whatever the stack: each slice when every axis of ``axis`` is negative, and
-        otherwise (``axis=None``, or non-negative axes) only that the value is not zero as a
-        whole. ``right_inverse`` checks each slice of the one tensor it sees (``batch_axes=0``),
-        so registering a single tensor checks every slice.
+        The core runs it before it traces anything (also for stacks and ``paramx.nnx``) with
+        the stack's ``batch_axes``, so every slice of every tensor is checked.
+        ``batch_axes=None`` (a value whose stack axes are unknown) checks what holds whatever the
+        stack: each slice when every axis of ``axis`` is negative, and otherwise (``axis=None``,
+        or non-negative axes) only that the value is not zero as a whole.
         """
         numerics.check_dtype(value, _OWNER)
         if isinstance(value, jax.core.Tracer | jax.ShapeDtypeStruct):

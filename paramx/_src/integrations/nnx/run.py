@@ -27,6 +27,7 @@ import jax
 
 from paramx._src.core import checks
 from paramx._src.core.assign import assign_tensor
+from paramx._src.core.chain import stack_axes
 from paramx._src.core.checks import check_value
 from paramx._src.core.materialize import materialize_tensor
 from paramx._src.core.node import Parametrized
@@ -108,7 +109,7 @@ def register(
     """``register_tensor`` on an array or a node (appending); see the module docstring."""
     chain = (*(value.chain if isinstance(value, Parametrized) else ()), parametrization)
     # Value checks need concrete values, so they run here, before anything is traced.
-    check_input(parametrization, value, label)
+    check_input(parametrization, value, label, batch_axes)
     static = dict(
         parametrization=parametrization, unsafe=unsafe, batch_axes=batch_axes, label=label
     )
@@ -117,7 +118,7 @@ def register(
 
 def assign(node: Parametrized, value: Any, label: str, eager: bool) -> tuple[Parametrized, bool]:
     """``assign_tensor``; see the module docstring."""
-    check_value(node.chain[-1], value, label)
+    check_value(node.chain[-1], value, label, stack_axes(node, label))
     return _call(_assign, _ASSIGN, (node, value), dict(label=label), eager)
 
 
