@@ -271,3 +271,15 @@ def test_check_value_refuses_a_zero_slice_of_a_stack_and_in_nnx():
         sphere({"w": eye.at[1, :, 2].set(0.0)}, "w", axis=0, batch_axes=1)
     with pytest.raises(ValueError, match=r"zero.*\(at w\)"):
         px.assign(tree, "w", eye.at[0, :, 1].set(0.0))
+
+
+def test_table_health_reads_the_tensor_as_forward_does():
+    # axis=None makes a whole conv kernel one vector; the table's distance must not split it
+    # into one vector per spatial tap (sample's default batch), which reported ~0.85 on the set.
+    k = jax.random.normal(jax.random.key(0), (3, 3, 2, 4))
+    for axis in (None, (0, 1, 2), -1):
+        tree = sphere({"conv": {"kernel": k}}, "conv/kernel", axis=axis)
+        assert float(px.table(tree).health["conv/kernel"]["distance"]) < 1e-6
+    stack = sphere({"k": jnp.ones((5, 3, 4))}, "k", batch_axes=1)
+    d = px.table(stack).health["k"]["distance"]
+    assert d.shape == (5,) and float(jnp.max(d)) < 1e-6

@@ -269,6 +269,15 @@ class Sphere:
             atol = 10 * math.sqrt(max(d, 1)) * float(jnp.finfo(x.dtype).eps) * self.radius
         return self._distance(x, axes) <= atol
 
+    def health(
+        self, value: jax.Array, inputs: Any, *, params: Any, state: Any
+    ) -> dict[str, jax.Array]:
+        """Health figure for :func:`paramx.table`: ``distance``, the largest ``|‖x‖ − radius|``
+        over the vectors of the one tensor ``forward`` returned (a stack's tensors are passed
+        one at a time), with ``axis`` read as ``forward`` reads it: no batch axes, so a conv
+        kernel with ``axis=None`` is one vector, not one per spatial tap."""
+        return {"distance": jnp.max(self.distance(value, batch_axes=0), initial=0.0)}
+
     # ----- paramx.nnx: its function (paramx._src.integrations.nnx.wrappers) ---------------
     torch_function = "sphere"
     torch_function_positional = ("radius",)
