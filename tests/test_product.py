@@ -18,6 +18,7 @@ from flax import nnx
 import paramx as px
 import paramx.nnx as pnx
 from paramx._src.integrations.nnx.wrappers import torch_function
+from paramx._src.parametrizations.ordered import Ordered
 from paramx._src.parametrizations.orthogonal import Orthogonal
 from paramx._src.parametrizations.positive import Positive
 from paramx._src.parametrizations.product import Product, product
@@ -132,6 +133,21 @@ def test_dtypes_are_kept(dtype):
     assert w.dtype == dtype and bool(_in(SP, w))
     s = _sample(SP, jax.random.key(0), (N, N), dtype)
     assert s.dtype == dtype and bool(_in(SP, s))
+
+
+def test_a_factor_counting_axes_from_the_front_is_checked_per_tensor_of_a_stack():
+    # Ordered(axis=0) counts the axes of each block without the stack: the eager check must
+    # not order along the stack axis (a valid stack was refused, an invalid one gave NaN).
+    p = Product((Ordered(axis=0), Positive()), sizes=(2, None))
+    one = jnp.array([[0.0, 1.0, 1.0], [1.0, 2.0, 1.0]])
+    good = jnp.stack([one, one.at[:, :2].add(-5.0)])  # decreasing along the stack
+    tree = px.register_parametrization({"w": good}, "w", p, batch_axes=1)
+    np.testing.assert_allclose(px.materialize(tree)["w"], good, atol=1e-5)
+    bad = jnp.stack([one[::-1], one[::-1] + 1.0])  # increasing along the stack only
+    with pytest.raises(ValueError, match=r"block 0.*strictly increasing.*\(at w\)"):
+        px.register_parametrization({"w": bad}, "w", p, batch_axes=1)
+    with pytest.raises(ValueError, match=r"block 0.*strictly increasing.*\(at w\)"):
+        px.assign(tree, "w", bad)
 
 
 def test_stacks_jit_vmap_and_grad():

@@ -195,13 +195,14 @@ def check_value(p: Any, value: Any, where: str, batch_axes: int | None = None) -
     if isinstance(value, jax.core.Tracer) or not isinstance(value, (jax.Array, np.ndarray)):
         return
     with at_path(where):
-        if batch_axes is not None and _takes_batch_axes(fn):
+        if batch_axes is not None and takes_batch_axes(fn):
             fn(value, batch_axes=batch_axes)
         else:
             fn(value)
 
 
-def _takes_batch_axes(fn: Any) -> bool:
+def takes_batch_axes(fn: Any) -> bool:
+    """Whether ``fn`` (a ``check_value``) takes a ``batch_axes`` keyword."""
     try:
         return "batch_axes" in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # no signature to read (a builtin, a C extension)

@@ -64,7 +64,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from paramx._src.core import manifold
+from paramx._src.core import checks, manifold
 from paramx._src.core import parametrization as pz
 from paramx._src.parametrizations import numerics
 
@@ -359,9 +359,13 @@ class Product:
             return originals, new_state or None
         return originals
 
-    def check_value(self, value: jax.Array) -> None:
+    def check_value(self, value: jax.Array, *, batch_axes: int | None = None) -> None:
         """Runs each factor's ``check_value`` on its block of a concrete ``value`` (a stack's
-        leading axes included); a refusal names the block. Does nothing for a traced value."""
+        leading axes included); a refusal names the block. Does nothing for a traced value.
+
+        ``batch_axes`` (how many leading axes are a stack; the core passes it) goes on to a
+        factor whose ``check_value`` takes it, so a factor counting axes from the front
+        (``Ordered(axis=0)``) checks each tensor of the stack, not along the stack."""
         if isinstance(value, jax.core.Tracer | jax.ShapeDtypeStruct):
             return
         numerics.check_dtype(value, _OWNER)
@@ -372,7 +376,10 @@ class Product:
             if not (callable(fn) and callable(getattr(f, "forward", None))):
                 continue
             try:
-                fn(block)
+                if batch_axes is not None and checks.takes_batch_axes(fn):
+                    fn(block, batch_axes=batch_axes)
+                else:
+                    fn(block)
             except ValueError as e:
                 raise ValueError(
                     f"{_OWNER}: block {i} (entries {a}:{b} along axis {self.axis}, factor "
