@@ -172,6 +172,20 @@ def test_interval_values_lie_inside_and_round_trip_exactly():
     np.testing.assert_allclose(p.right_inverse(y), x, rtol=1e-8, atol=1e-8)
 
 
+def test_interval_is_accurate_next_to_a_bound_of_a_narrow_interval():
+    # (y - low) / (high - low) rounded to exactly 1 for a value strictly inside (-1, 1e-8):
+    # the original was +inf (the parameter then never moved: zero gradient), and the forward
+    # low + w sigmoid(x) cannot tell 5e-9 from 0 in float32.
+    p = Interval(-1.0, 1e-8)
+    value = jnp.array([5e-9, 2e-9, -0.5, -1.0 + 1e-6], jnp.float32)
+    tree = px.register_parametrization({"w": value}, "w", p)
+    (original,) = px.originals(tree, "w")
+    assert bool(jnp.all(jnp.isfinite(original)))
+    np.testing.assert_allclose(px.materialize(tree)["w"], value, rtol=1e-5, atol=1e-14)
+    grad = jax.grad(lambda t: jnp.sum(px.materialize(t)["w"]))(tree)["w"].original
+    assert bool(jnp.all(grad > 0))
+
+
 def test_interval_options_and_values_are_validated_naming_the_path():
     with pytest.raises(ValueError, match="low < high"):
         Interval(1.0, 1.0)
