@@ -318,8 +318,6 @@ def _power(
         y = convops.conv(u, kernel, geometry)
         return _normalize_or_keep(convops.conv_transpose(y, kernel, geometry), u, eps)
 
-    if n == 1:  # the training default, written out (see spectral_norm._power_iterations)
-        return body(0, u)
     return jax.lax.fori_loop(0, n, body, u)
 
 

@@ -75,11 +75,6 @@ def _power_iterations(
         v = _normalize_or_keep(matmul(jnp.conj(mt), u), v, eps)
         return u, v
 
-    # One iteration (the training default) is written out: as a one-trip loop it cost 15-20%
-    # of the compile time of a 64-layer step (benchmarks/README.md, compile/L64); more stay a
-    # loop (three written out compiled in twice the time of the loop).
-    if n == 1:
-        return body(0, (u, v))
     return jax.lax.fori_loop(0, n, body, (u, v))
 
 
