@@ -55,9 +55,10 @@ def normalize_axis(dim: int, ndim: int, hint: str = "") -> int:
 def missing_state(name: str, what: str) -> ValueError:
     """The error for a stateful parametrization read from a tree that has no state."""
     return ValueError(
-        f"{name} needs its state ({what}) but the tree it reads has none. Give the state "
-        f"half too: `paramx.materialize(params, state)`; with paramx.linen, the state is "
-        f"`variables['paramx_state']`."
+        f"{name} needs its state ({what}) but the tree it reads has none (the trainable half "
+        f"from `paramx.split_state`?). Give the state half too: `paramx.materialize(params, "
+        f"state)`, or the whole tree `paramx.merge_state(params, state)` to the other "
+        f"functions; with paramx.linen, the state is `variables['paramx_state']`."
     )
 
 

@@ -44,7 +44,7 @@ def _event_axes(x: jax.Array) -> tuple[int, ...]:
     return tuple(range(-min(x.ndim, 2), 0))
 
 
-def _check(x: jax.Array, axis: int) -> int:
+def _check(x: jax.Array | jax.ShapeDtypeStruct, axis: int) -> int:
     numerics.check_dtype(x, _OWNER, complex_ok=False)
     if x.ndim == 0:
         raise ValueError(
