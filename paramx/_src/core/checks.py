@@ -17,9 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import find_top_trace, get_opaque_trace_state
 
 from paramx._src.core.node import Parametrized
+
+try:  # JAX's public handles on the current trace (recent versions)
+    from jax.extend.core import find_top_trace, get_opaque_trace_state
+except ImportError:  # pragma: no cover - older JAX: a value holding tracers is never reused
+    find_top_trace = get_opaque_trace_state = None  # type: ignore[assignment]
 
 NEEDS_CONCRETE = (
     jax.errors.ConcretizationTypeError,
@@ -35,7 +39,10 @@ def is_array(x: Any) -> bool:
 
 
 def current_trace() -> Any:
-    """The JAX trace that values are computed in now (compared with ``==``)."""
+    """The JAX trace that values are computed in now (compared with ``==``); None where JAX
+    does not say."""
+    if get_opaque_trace_state is None:
+        return None
     return get_opaque_trace_state(convention="paramx")
 
 
@@ -46,10 +53,12 @@ def reusable(trace: Any, value: Any) -> bool:
     ``jax.lax.scan`` read in its body). A tracer of a trace that has ended (a scan body's
     value read after the scan) has escaped it: ``False``, so the caller computes again.
     Where the nesting cannot be told, the answer is ``False`` (computing again is safe)."""
-    if trace == current_trace():
-        return True
     tracers = [x for x in jax.tree_util.tree_leaves(value) if isinstance(x, jax.core.Tracer)]
     if not tracers:
+        return True
+    if trace is None or find_top_trace is None:
+        return False
+    if trace == current_trace():
         return True
     enclosing: list[Any] = []
     t = find_top_trace(())
