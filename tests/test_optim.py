@@ -289,6 +289,28 @@ def test_carried_moments_follow_the_tensor_and_new_arrays_start_fresh():
     _train(tx, new, {}, carried, 1)
 
 
+def test_params_are_not_mistaken_for_a_chains_or_multi_transforms_states():
+    # (kernel, bias) has the structure of `optax.chain`'s (ScaleByAdamState, EmptyState)
+    params = (jnp.ones((2, 2)), jnp.ones(2))
+    tx = optax.chain(optax.scale_by_adam(), optax.scale(-0.1))
+    with STANDARD:
+        _, opt_state = tx.update(params, tx.init(params), params)
+    carried = optim.carry_state(tx, opt_state, params, params)
+    assert int(carried[0].count) == 1
+    for x, y in zip(jax.tree.leaves(carried), jax.tree.leaves(opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # labels named like the params: multi_transform's {label: state} has the params' keys
+    params = {"enc": jnp.ones((2, 2)), "dec": jnp.ones(2)}
+    tx = optax.multi_transform(
+        {"enc": optax.adam(0.1), "dec": optax.sgd(0.1, momentum=0.9)}, {"enc": "enc", "dec": "dec"}
+    )
+    with STANDARD:
+        _, opt_state = tx.update(params, tx.init(params), params)
+    carried = optim.carry_state(tx, opt_state, params, params)
+    for x, y in zip(jax.tree.leaves(carried), jax.tree.leaves(opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_a_state_of_another_optimizer_or_other_params_is_refused():
     plain = _plain()
     tx = optax.adam(0.1)

@@ -610,9 +610,15 @@ def _flatten_up_to(treedef: Any, tree: Any) -> list[Any] | None:
     if treedef.num_nodes == 1:  # a lone array as params: never mistaken for a counter
         return None
     try:
-        return list(treedef.flatten_up_to(tree))
+        flat = list(treedef.flatten_up_to(tree))
     except (ValueError, TypeError):
         return None
+    # A params-shaped subtree holds one array (or an empty node: optax's MaskedNode) per
+    # array of the params; a tuple of params would otherwise match `optax.chain`'s tuple of
+    # states, whose entries are whole states.
+    if any(jax.tree_util.tree_structure(x).num_nodes > 1 for x in flat):
+        return None
+    return flat
 
 
 def _same_array(a: Any, b: Any) -> bool:
