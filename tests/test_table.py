@@ -253,6 +253,20 @@ def test_health_is_jittable():
             assert_close(jitted[name][k], v, scale=10)
 
 
+def test_health_of_a_checkpoint_restored_as_numpy_arrays():
+    from flax import serialization
+
+    tree = _registered()
+    restored = serialization.from_bytes(tree, serialization.to_bytes(tree))
+    assert isinstance(restored["enc"]["kernel"].original, np.ndarray)
+    eager = px.table(tree).health
+    health = px.table(restored).health
+    assert set(health) == set(eager) == {"enc/kernel", "dec/kernel"}
+    for name, figures in eager.items():
+        for k, v in figures.items():
+            assert_close(health[name][k], v, scale=10)
+
+
 def test_eval_shape_tree_without_health():
     tree = jax.eval_shape(lambda: _registered())
     t = px.table(tree, health=False)

@@ -506,13 +506,19 @@ def _traceable(p: Any) -> bool:
 
 def _has_health(node: Parametrized) -> bool:
     fns = [health_fn(p) or distance_fn(p) for p in node.chain]
-    return any(fns) and all(isinstance(x, jax.Array) for x in node.originals)
+    return any(fns) and all(_holds_values(x) for x in node.originals)
+
+
+def _holds_values(x: Any) -> bool:
+    """An array with values: a JAX array (or tracer), or the NumPy array a checkpoint restores
+    (``flax.serialization``); not a ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``."""
+    return isinstance(x, jax.Array | np.ndarray)
 
 
 def _node_health(node: Parametrized, where: str) -> dict[str, Any]:
     """The health figures of a node's links (see the module notes)."""
     fns = [health_fn(p) or _distance_health(p) for p in node.chain]
-    if not any(fns) or not all(isinstance(x, jax.Array) for x in node.originals):
+    if not any(fns) or not all(_holds_values(x) for x in node.originals):
         return {}
     last = max(i for i, f in enumerate(fns) if f is not None)
     counts: dict[str, int] = {}
