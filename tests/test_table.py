@@ -141,6 +141,14 @@ def test_linen_variables_collections_and_modules():
     assert f"Total Parameters: {t.total.size} " in text  # 49, all collections
 
 
+def test_state_of_a_registered_init_tree_is_in_params_not_a_state_collection():
+    # the tree API on model.init's output: the state lives in the nodes under 'params'
+    variables = nn.Dense(3).init(jax.random.key(0), X)
+    rows = {r.path: r for r in px.table(px.orthogonal(variables, "params/kernel")).rows}
+    assert rows["params/kernel/state/0/base"].role == "state"
+    assert rows["params/kernel/state/0/base"].collection == "params"
+
+
 def _nnx_model():
     class Model(nnx.Module):
         def __init__(self):

@@ -247,6 +247,7 @@ class Entry(NamedTuple):
     leaf: Any
     collection: str = ""
     below_collection: bool = False
+    state_collection: str = ""  # the collection a node's state was merged from, if another
 
 
 def entries(tree: Any, state: Any = None) -> list[Entry]:
@@ -256,9 +257,19 @@ def entries(tree: Any, state: Any = None) -> list[Entry]:
     if is_variables(tree):
         out: list[Entry] = []
         merged = with_state_collection(tree) if state is None else dict(tree)
+        # paramx.linen's state collection, put back into the nodes of 'params': its rows name
+        # it. A registered tree ({'params': ...} from model.init) holds its state in 'params'.
+        moved = state is None and _STATE_COLLECTION in tree and "params" in tree
         for name, coll in merged.items():
+            held = _STATE_COLLECTION if moved and name == "params" else ""
             for e in _flat(coll, (jax.tree_util.DictKey(name),)):
-                out.append(e._replace(collection=e.collection or str(name), below_collection=True))
+                out.append(
+                    e._replace(
+                        collection=e.collection or str(name),
+                        below_collection=True,
+                        state_collection=held,
+                    )
+                )
         return out
     return _flat(tree, ())
 
@@ -311,8 +322,8 @@ def rows(items: Iterable[Entry], *, health: bool = True) -> list[Row]:
         first = True
         for (sub, x), role in zip(arrays, roles):
             collection = e.collection
-            if role == "state" and e.below_collection and collection == "params":
-                collection = _STATE_COLLECTION
+            if role == "state" and e.state_collection:
+                collection = e.state_collection
             r = _row((*e.path, *sub), x, role, chain, where, collection, module)
             if r is None:
                 continue
