@@ -616,9 +616,14 @@ def _flatten_up_to(treedef: Any, tree: Any) -> list[Any] | None:
     # A params-shaped subtree holds one array (or an empty node: optax's MaskedNode) per
     # array of the params; a tuple of params would otherwise match `optax.chain`'s tuple of
     # states, whose entries are whole states.
-    if any(jax.tree_util.tree_structure(x).num_nodes > 1 for x in flat):
+    if any(_num_nodes(x) > 1 for x in flat):
         return None
     return flat
+
+
+def _num_nodes(x: Any) -> int:
+    treedef: Any = jax.tree_util.tree_structure(x)
+    return int(treedef.num_nodes)
 
 
 def _same_array(a: Any, b: Any) -> bool:
