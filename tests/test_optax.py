@@ -316,3 +316,19 @@ def test_paramx_nnx_layout_and_the_linen_state_collection_have_their_roles():
     variables = wrapped.init(jax.random.key(0), jnp.ones((1, 2), jnp.float32))
     assert px.param_labels(variables)["paramx_state"]["kernel"]["0"] == {"u": "state", "v": "state"}
     assert px.param_mask(variables)["paramx_state"]["kernel"]["0"] == {"u": False, "v": False}
+
+
+def test_a_linen_state_collection_of_another_name_has_the_state_role():
+    # Parametrize(..., state_collection="sn"): u and v were labelled "plain", so
+    # param_mask selected them (weight decay on the power-iteration state) and tags tagged them.
+    wrapped = px.linen.Parametrize(
+        nn.Dense(3), {"kernel": px.SpectralNorm()}, state_collection="sn"
+    )
+    variables = wrapped.init(jax.random.key(0), jnp.ones((1, 2), jnp.float32))
+    variables = {**variables, "batch_stats": {"mean": jnp.zeros(3)}}
+    assert px.param_labels(variables)["sn"]["kernel"]["0"] == {"u": "state", "v": "state"}
+    assert px.param_mask(variables)["sn"]["kernel"]["0"] == {"u": False, "v": False}
+    assert px.param_labels(variables)["batch_stats"] == {"mean": "plain"}
+    tags = px.optim.tags(variables, {"all": "..."})
+    assert tags.paths("all") == ["batch_stats/mean", "params/bias", "params/kernel/original"]
+    assert tags.mask("all")["sn"]["kernel"]["0"] == {"u": False, "v": False}

@@ -149,6 +149,24 @@ def test_state_of_a_registered_init_tree_is_in_params_not_a_state_collection():
     assert rows["params/kernel/state/0/base"].collection == "params"
 
 
+def test_a_linen_state_collection_of_another_name_goes_back_into_its_nodes():
+    wrapped = px.linen.Parametrize(
+        nn.Dense(3), {"kernel": px.SpectralNorm()}, state_collection="sn"
+    )
+    variables = wrapped.init(jax.random.key(0), X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the health figures need the state
+        t = px.table(variables)
+    rows = {r.path: r for r in t.rows}
+    assert (rows["params/kernel/state/0/u"].role, rows["params/kernel/state/0/u"].collection) == (
+        "state",
+        "sn",
+    )
+    assert set(t.health["params/kernel"]) == {"sigma", "sigma_true"}
+    assert set(t.by_module) == {px._src.core.table.ROOT}
+    assert t.by_role["state"].size == 3 + 3
+
+
 def _nnx_model():
     class Model(nnx.Module):
         def __init__(self):

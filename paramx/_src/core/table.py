@@ -184,11 +184,11 @@ def table(tree: Any, state: Any = None, *, health: bool = True) -> Table:
 
     Works on any pytree: a registered tree, its trainable half with its state half
     (:func:`paramx.split_state`), a Flax linen variables dict (``{'params': ...,
-    'batch_stats': ...}``; ``paramx.linen``'s ``'paramx_state'`` is put back into the nodes it
-    belongs to), an ``nnx.State``, or a plain tree. Roles are those of
-    :func:`paramx.param_labels`: ``"original"``, ``"parametrization"``, ``"state"``,
-    ``"plain"``. For an NNX module with its chains and health figures, use
-    :func:`paramx.nnx.table`.
+    'batch_stats': ...}``; ``paramx.linen``'s ``'paramx_state'``, or the collection its
+    ``state_collection`` names, is put back into the nodes it belongs to), an ``nnx.State``,
+    or a plain tree. Roles are those of :func:`paramx.param_labels`: ``"original"``,
+    ``"parametrization"``, ``"state"``, ``"plain"``. For an NNX module with its chains and
+    health figures, use :func:`paramx.nnx.table`.
 
     Each parametrized tensor gets the health figures its links declare (see the module notes):
     ``orth_error`` (``‖QᴴQ − I‖``) for :class:`paramx.Orthogonal`, ``sigma`` (the estimate the
@@ -257,12 +257,13 @@ def entries(tree: Any, state: Any = None) -> list[Entry]:
     if is_variables(tree):
         out: list[Entry] = []
         merged = with_state_collection(tree) if state is None else dict(tree)
-        # paramx.linen's state collection, put back into the nodes of 'params': its rows name
-        # it. A registered tree ({'params': ...} from model.init) holds its state in 'params'.
-        moved = state is None and _STATE_COLLECTION in tree and "params" in tree
+        # paramx.linen's state collections, put back into the nodes of 'params': their rows
+        # name them. A registered tree ({'params': ...} from model.init) holds its state in
+        # 'params'.
+        source = _state_sources(tree) if state is None else {}
         for name, coll in merged.items():
-            held = _STATE_COLLECTION if moved and name == "params" else ""
             for e in _flat(coll, (jax.tree_util.DictKey(name),)):
+                held = source.get(paths.path_keys(e.path)[1:], "") if name == "params" else ""
                 out.append(
                     e._replace(
                         collection=e.collection or str(name),
@@ -437,21 +438,69 @@ def layout_role(keys: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
     return "plain", ()
 
 
+def state_collections(tree: Any) -> tuple[str, ...]:
+    """The collections of a linen variables dict that hold paramx.linen's state:
+    ``'paramx_state'``, and any other whose arrays fit the nodes of ``'params'`` (a
+    ``Parametrize(..., state_collection=...)``); ``()`` for a tree that is not a variables dict."""
+    if not is_variables(tree):
+        return ()
+    out = []
+    for name, coll in tree.items():
+        if name == "params" or not jax.tree_util.tree_leaves(coll):
+            continue
+        if name != _STATE_COLLECTION:
+            try:
+                merge_state(tree["params"], coll)
+            except (ValueError, TypeError):
+                continue  # batch_stats, intermediates, ...: not paramx state
+        out.append(name)
+    return tuple(out)
+
+
 def with_state_collection(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """A linen variables dict with paramx.linen's ``'paramx_state'`` collection merged into
-    ``'params'`` (the nodes then hold their state), as a new dict."""
+    """A linen variables dict with paramx.linen's state collections (:func:`state_collections`)
+    merged into ``'params'`` (the nodes then hold their state), as a new dict."""
     merged = dict(variables)
-    if _STATE_COLLECTION in merged and "params" in merged:
-        held = merged.pop(_STATE_COLLECTION)
+    names = state_collections(variables)
+    if names:
+        held: Any = {}
+        for name in names:  # merge_state gives every node the state it finds, or none
+            held = _union(held, merged.pop(name))
         merged["params"] = merge_state(merged["params"], held)
     return merged
 
 
-def plain_array_role(keys: tuple[Any, ...], variables: bool) -> str:
-    """The role of an array that is not inside a node: ``"state"`` in paramx.linen's state
-    collection of a variables dict (``variables``), else the role of paramx.nnx's layout
-    (:func:`layout_role`), ``"plain"`` for anything else."""
-    if variables and keys and keys[0] == _STATE_COLLECTION:
+def _union(a: Any, b: Any) -> Any:
+    """Two state collections as one nested dict (they hold the state of different nodes)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = _union(out[k], v) if k in out else v
+        return out
+    return b
+
+
+def _state_sources(variables: Mapping[str, Any]) -> dict[tuple[Any, ...], str]:
+    """For each node of ``'params'`` whose state a state collection holds, that collection."""
+    if "params" not in variables:
+        return {}
+    flat = jax.tree_util.tree_flatten_with_path(variables["params"], is_leaf=paths._is_leaf)[0]
+    nodes = {paths.path_keys(p) for p, x in flat if is_node(paths.unbox(x)[1])}
+    out: dict[tuple[Any, ...], str] = {}
+    for name in state_collections(variables):
+        for p, _ in jax.tree_util.tree_flatten_with_path(variables[name])[0]:
+            keys = paths.path_keys(p)
+            for k in range(len(keys)):
+                if keys[:k] in nodes:
+                    out[keys[:k]] = name
+    return out
+
+
+def plain_array_role(keys: tuple[Any, ...], state_names: Sequence[str] = ()) -> str:
+    """The role of an array that is not inside a node: ``"state"`` in one of paramx.linen's
+    state collections (``state_names``, from :func:`state_collections`), else the role of
+    paramx.nnx's layout (:func:`layout_role`), ``"plain"`` for anything else."""
+    if keys and keys[0] in state_names:
         return "state"
     return layout_role(keys)[0]
 

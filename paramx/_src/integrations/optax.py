@@ -32,7 +32,7 @@ import jax
 
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.paths import format_path, path_keys
-from paramx._src.core.table import ROLES, is_variables, label_node, plain_array_role
+from paramx._src.core.table import ROLES, label_node, plain_array_role, state_collections
 
 DEFAULT_LABELS: dict[str, str] = {role: role for role in ROLES}
 
@@ -103,7 +103,7 @@ def param_labels(tree: Any, labels: Labels = None) -> Any:
         )
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
-    variables = is_variables(tree)
+    held = state_collections(tree)
     out = []
     for path, leaf in leaves:
         here = names
@@ -112,7 +112,7 @@ def param_labels(tree: Any, labels: Labels = None) -> Any:
         # An array outside a node may still have a role: paramx.nnx's layout keeps originals
         # and state as plain arrays (`.../parametrizations/kernel/original`), and a linen
         # variables dict keeps state in its own collection.
-        role = "plain" if is_node(leaf) else plain_array_role(path_keys(path), variables)
+        role = "plain" if is_node(leaf) else plain_array_role(path_keys(path), held)
         out.append(_label_leaf(leaf, here, role))
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -33,7 +33,7 @@ from jax.tree_util import GetAttrKey
 
 from paramx._src.core import paths
 from paramx._src.core.node import is_node
-from paramx._src.core.table import is_variables, plain_array_role
+from paramx._src.core.table import plain_array_role, state_collections
 
 Rule = str | Sequence[Any] | Callable[[tuple[Any, ...], Any], bool]
 
@@ -226,7 +226,7 @@ def _arrays(tree: Any) -> tuple[list[_Array], list[tuple[Any, Any]], Any]:
     items = paths.leaves_with_paths(tree)
     boxed = jax.tree_util.tree_flatten_with_path(tree, is_leaf=paths._is_leaf)[0]
     arrays: list[_Array] = []
-    variables = is_variables(tree)
+    held = state_collections(tree)
     for i, (item_path, item) in enumerate(boxed):
         node = is_node(paths.unbox(item)[1])
         for sub, _ in jax.tree_util.tree_flatten_with_path(item)[0]:
@@ -234,7 +234,7 @@ def _arrays(tree: Any) -> tuple[list[_Array], list[tuple[Any, Any]], Any]:
             if node:
                 state = _under_state(sub)
             else:  # paramx.nnx's state arrays, a linen variables dict's state collection
-                state = plain_array_role(paths.path_keys(path), variables) == "state"
+                state = plain_array_role(paths.path_keys(path), held) == "state"
             arrays.append(_Array(path, i, state))
     treedef = jax.tree_util.tree_structure(tree)
     return arrays, items, treedef
