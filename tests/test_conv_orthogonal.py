@@ -222,6 +222,23 @@ def test_soc_small_raw_kernels_are_near_the_identity_and_large_ones_are_rescaled
     assert _circular_norm(forward(_kernel(2, (3, 3, 4, 4), 100.0))) <= 1 + 1e-4
 
 
+def test_soc_of_a_large_raw_kernel_with_many_terms_is_finite():
+    # The powers L^j were taken before the rescaling: with ||L|| about 100 and 20 terms,
+    # L^19 overflowed float32 and the value, soc_conv's output and the gradients were NaN.
+    from paramx._src.parametrizations.conv_orthogonal import soc_conv
+
+    raw = _kernel(4, (3, 3, 16, 16), 20.0)
+    w = jax.jit(SkewOrthogonalConv(terms=20).forward)(raw)
+    assert bool(jnp.isfinite(w).all())
+    assert _circular_norm(w) <= 1 + 1e-4
+    x = _kernel(5, (1, 8, 8, 16), 1.0)
+    y = soc_conv(x, raw, terms=20)
+    assert bool(jnp.isfinite(y).all())
+    np.testing.assert_allclose(jnp.linalg.norm(y), jnp.linalg.norm(x), rtol=1e-4)
+    g = jax.grad(lambda k: jnp.sum(soc_conv(x, k, terms=20)))(raw)
+    assert bool(jnp.isfinite(g).all())
+
+
 def test_soc_dense_kernels_are_orthogonal_matrices():
     forward = jax.jit(SkewOrthogonalConv(terms=12).forward)
     for shape in [(3, 5), (5, 3)]:

@@ -274,20 +274,30 @@ def soc_kernel_size(raw_size: int | tuple[int, ...] = 3, terms: int = 6) -> tupl
 
 
 def _soc_generator(m: jax.Array, terms: int, max_norm: float) -> tuple[list[jax.Array], jax.Array]:
-    """The powers ``L, L², …, L^(terms-1)`` (as kernels) of the skew-adjoint conv ``L = M - M*``
-    of the embedded raw kernel ``m``, and the scale that brings a certified bound of ``‖L‖``
-    (the smallest ``(Σ_o ‖(L^j)_o‖)^(1/j)``) down to at most ``max_norm``."""
+    """The powers ``U, U², …, U^(terms-1)`` (as kernels) of ``U = p L``, the skew-adjoint conv
+    ``L = M - M*`` of the embedded raw kernel ``m`` prescaled by ``p``, and the factor ``t``
+    with ``t U = s L``, ``s`` the scale that brings a certified bound of ``‖L‖`` (the smallest
+    ``(Σ_o ‖(L^j)_o‖)^(1/j)``) down to at most ``max_norm``.
+
+    ``p = min(1, max_norm / Σ_o ‖L_o‖)`` brings the ``j = 1`` bound down to ``max_norm`` before
+    the powers are taken: the bounds are homogeneous (``s`` is the same), and the powers' tap
+    sums stay below ``max_norm^j`` instead of ``‖L‖^j``, which overflowed float32 (NaN values
+    and gradients) for a large raw kernel and many terms (``‖L‖ ≈ 100`` with 20 terms)."""
     lap = m - _adjoint(m)
     nd = lap.ndim - 2
-    powers, bounds = [lap], []
+    spatial = tuple(range(nd))
+    one = jnp.asarray(1, lap.dtype)
+    rho = jnp.asarray(max_norm, lap.dtype)
+    pre = jnp.minimum(one, rho / jnp.sum(_safe_norm(lap, (nd, nd + 1)), axis=spatial))
+    unit = lap * pre
+    powers, bounds = [unit], []
     for j in range(1, terms):
         if j > 1:
-            powers.append(_compose(powers[-1], lap))
-        s = jnp.sum(_safe_norm(powers[-1], (nd, nd + 1)), axis=tuple(range(nd)))
+            powers.append(_compose(powers[-1], unit))
+        s = jnp.sum(_safe_norm(powers[-1], (nd, nd + 1)), axis=spatial)
         bounds.append(s ** (1.0 / j))
-    r = jnp.min(jnp.stack(bounds))
-    scale = jnp.minimum(jnp.asarray(1, r.dtype), jnp.asarray(max_norm, r.dtype) / r)
-    return powers, scale
+    r = jnp.min(jnp.stack(bounds))  # a bound of ||p L||
+    return powers, jnp.minimum(one / pre, rho / r)
 
 
 # One compiled program per shape and options: the series is many small ops, which eager use
