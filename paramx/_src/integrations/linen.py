@@ -43,7 +43,7 @@ from paramx._src.core.materialize import materialize
 from paramx._src.core.node import Parametrized, is_node
 from paramx._src.core.register import register_parametrization
 from paramx._src.core.state import merge_state, split_state
-from paramx._src.parametrizations.convops import ConvGeometry, flax_conv_geometry
+from paramx._src.parametrizations.convops import ConvGeometry, flax_conv_geometry, uncovered
 
 _STATE_COLLECTION = "paramx_state"
 _FLAG = "use_running_average"
@@ -516,8 +516,20 @@ class Parametrize(nn.Module):
         rank = len(tuple(conv.kernel_size))
         actual = flax_conv_geometry(conv)
         size = tuple(x.shape[-(rank + 1) : -1]) if hasattr(x, "shape") else None
+        in_features = x.shape[-1] // (conv.feature_group_count or 1) if size else 0
+        kernel_shape = (*conv.kernel_size, in_features, conv.features) if size else None
         for where, p in normalize_rules(self.rules):
             declared = getattr(p, "geometry", None)
+            if declared is None:
+                sized = dataclasses.replace(actual, input_size=size)
+                why = uncovered(p, sized, kernel_shape)
+                if why:
+                    raise ValueError(
+                        f"{self._where()}: {pz.display_name(p)} (for {where!r}) declares no "
+                        f"geometry, and its bound does not cover the wrapped Conv "
+                        f"(padding={conv.padding!r}, strides={conv.strides or 1}, "
+                        f"kernel_dilation={conv.kernel_dilation or 1}): {why}"
+                    )
             if not isinstance(declared, ConvGeometry):
                 continue
             wrong = declared.mismatches(actual, rank, size)

@@ -349,3 +349,35 @@ def flax_conv_geometry(conv: Any) -> ConvGeometry:
     return ConvGeometry(
         strides=conv.strides or 1, padding=conv.padding, kernel_dilation=conv.kernel_dilation or 1
     )
+
+
+def uncovered(p: Any, conv: ConvGeometry, kernel_shape: Sequence[int] | None = None) -> str | None:
+    """Why ``p``, a parametrization with a ``geometry`` field left ``None``, does not certify
+    the conv ``conv`` describes (a Flax conv it is registered on); ``None`` when it does, or
+    when ``p`` declares a geometry (compared by :meth:`ConvGeometry.mismatches` instead) or
+    has no such field.
+
+    A bound without a geometry is for every zero or circular padding, stride and dilation
+    (for a Cayley conv: circular padding, stride 1, on inputs of the kernel's size), so
+    ``REFLECT`` padding is refused, and ``p`` with ``conv`` as its geometry must construct
+    (its own refusals: a Cayley conv's padding and stride) and, given ``kernel_shape`` and
+    ``conv.input_size``, read a bound (a Cayley conv's size)."""
+    fields = {f.name for f in dataclasses.fields(p)} if dataclasses.is_dataclass(p) else set()
+    if "geometry" not in fields or getattr(p, "geometry", None) is not None:
+        return None
+    if conv.padding == "REFLECT":
+        return (
+            "REFLECT padding repeats border pixels, so the conv's norm can exceed a bound "
+            "declared without a geometry (for zero and circular padding only; an orthogonal "
+            "kernel reached 1.8 on an 8 x 8 input). Use zero or CIRCULAR padding in the Conv"
+            " (or, for conv_spectral_norm, declare ConvGeometry(input_size=..., "
+            "padding='REFLECT'))"
+        )
+    try:
+        with_conv = dataclasses.replace(p, geometry=conv)
+        bound = getattr(with_conv, "lipschitz_bound", None)
+        if callable(bound) and kernel_shape is not None and conv.input_size is not None:
+            jax.eval_shape(bound, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None

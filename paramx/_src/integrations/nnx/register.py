@@ -32,7 +32,7 @@ from paramx._src.integrations.nnx.container import (
     is_variable,
     lookup,
 )
-from paramx._src.parametrizations.convops import ConvGeometry, flax_conv_geometry
+from paramx._src.parametrizations.convops import ConvGeometry, flax_conv_geometry, uncovered
 
 
 def check_module(module: Any) -> None:
@@ -91,9 +91,20 @@ def _check_conv_geometry(module: Any, name: str, p: Any, label: str) -> None:
     dilation) on an ``nnx.Conv``'s kernel must declare the Conv's own; else its bound is for
     another operator."""
     declared = getattr(p, "geometry", None)
-    if type(module) is not nnx.Conv or name != "kernel" or not isinstance(declared, ConvGeometry):
+    if type(module) is not nnx.Conv or name != "kernel":
         return
     conv: Any = module  # the fields as Flax keeps them (ints or sequences)
+    if declared is None:
+        why = uncovered(p, flax_conv_geometry(conv))
+        if why:
+            raise ValueError(
+                f"{label}: {getattr(p, 'name', type(p).__name__)} declares no geometry, and its "
+                f"bound does not cover the Conv (padding={module.padding!r}, strides="
+                f"{module.strides or 1}, kernel_dilation={module.kernel_dilation or 1}): {why}"
+            )
+        return
+    if not isinstance(declared, ConvGeometry):
+        return
     wrong = declared.mismatches(flax_conv_geometry(conv), len(tuple(conv.kernel_size)))
     if wrong:
         raise ValueError(
