@@ -435,6 +435,21 @@ def test_orthogonal_on_zero_size_tensors(omap, triv, shape):
 
 @pytest.mark.parametrize("triv", [True, False])
 @pytest.mark.parametrize("omap", MAPS)
+def test_orthogonal_on_an_empty_stack(omap, triv):
+    # A stack of 0 matrices (batch_axes=1): each matrix is computed under vmap, which gave
+    # the adaptive matrix exponential an empty batch (ValueError from a max over nothing).
+    shape = (0, 3, 3)
+    tree = px.orthogonal(
+        {"k": jnp.zeros(shape, jnp.float32)}, "k", omap, use_trivialization=triv, batch_axes=1
+    )
+    value, grads = _value_and_grads(tree)
+    assert value["k"].shape == shape
+    assert _all_finite(grads)
+    assert px.table(tree).health["k"]["orth_error"].shape == (0,)
+
+
+@pytest.mark.parametrize("triv", [True, False])
+@pytest.mark.parametrize("omap", MAPS)
 def test_orthogonal_on_a_zero_matrix(omap, triv):
     tree = px.orthogonal({"k": jnp.zeros((5, 3), jnp.float32)}, "k", omap, use_trivialization=triv)
     value, grads = _value_and_grads(tree)

@@ -323,6 +323,16 @@ def test_input_checks_and_empty_inputs(fn):
         assert fn(jnp.zeros(shape, jnp.float16)).shape == shape
 
 
+@pytest.mark.parametrize("plan", ["adaptive", "static"])
+def test_vmap_over_an_empty_stack(plan):
+    # vmap over 0 matrices (a zero-length nn.scan stack) reaches the adaptive plan's vmap
+    # rule with an empty batch, whose squaring count was a max over nothing (ValueError).
+    a = jnp.zeros((0, 3, 3), jnp.float32)
+    f = lambda x: expm_skew(x, plan=plan)
+    assert jax.vmap(f)(a).shape == (0, 3, 3)
+    assert jax.vmap(jax.grad(lambda x: jnp.sum(f(x))))(a).shape == (0, 3, 3)
+
+
 def test_nan_propagates_and_large_norms_stay_unitary():
     a = skew(11, (N, N), jnp.float32, shift=np.where(np.eye(N) > 0, np.nan, 0.0))
     assert bool(jnp.all(jnp.isnan(ours_expm(a))))

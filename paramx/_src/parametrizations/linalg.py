@@ -479,7 +479,7 @@ def _mask(k: jax.Array | int, s: jax.Array, new: jax.Array, old: jax.Array) -> j
 
 def _square(r: jax.Array, s: jax.Array, stored: int) -> tuple[jax.Array, jax.Array]:
     """``X_s`` with ``X_0 = R``, ``X_{k+1} = X_k^2``; also returns ``X_1..X_stored``."""
-    s_max = jnp.max(s)
+    s_max = jnp.max(s, initial=0)  # an empty stack (vmap over 0 matrices) has no squarings
     axis = r.ndim - 2  # the squares' axis: batch axes lead, as the vmap rules below need
     squares = jnp.zeros((*r.shape[:-2], stored, *r.shape[-2:]), r.dtype)
 
@@ -530,7 +530,7 @@ def _square_vjp(
     g: jax.Array, r: jax.Array, squares: jax.Array, s: jax.Array, stored: int
 ) -> jax.Array:
     """Pull ``g`` back through the squarings: ``g <- g X_k^T + X_k^T g`` for ``k < s``."""
-    s_max = jnp.max(s)
+    s_max = jnp.max(s, initial=0)  # an empty stack (vmap over 0 matrices) has no squarings
 
     def step(k: jax.Array | int, g: jax.Array, x: jax.Array) -> jax.Array:
         xt = jnp.matrix_transpose(x)
