@@ -125,6 +125,18 @@ def test_in_manifold_and_distance():
     assert not bool(SO.in_manifold(r[0] + 1e-6)) and bool(SO.in_manifold(r[0] + 1e-6, atol=1e-5))
 
 
+@pytest.mark.parametrize("shape", [(0, 0), (2, 0, 0), (0, 3, 3)])
+def test_zero_size_tensors_and_their_table(shape):
+    # SO(0) is one point, the empty matrix: distance 0, and px.table's health (which calls
+    # distance) used to fail with an IndexError on a 0 x 0 matrix.
+    x = jnp.zeros(shape, jnp.float32)
+    assert SO.distance(x).shape == shape[:-2]
+    np.testing.assert_array_equal(SO.distance(x), 0.0)
+    tree = special_orthogonal({"w": x}, "w")
+    assert px.materialize(tree)["w"].shape == shape
+    assert float(px.table(tree).health["w"]["distance"]) == 0.0
+
+
 def test_update_base_keeps_the_value_and_recentres():
     tree = special_orthogonal({"w": _normal((4, 4))}, "w")
     node = tree["w"]

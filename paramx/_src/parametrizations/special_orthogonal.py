@@ -259,6 +259,8 @@ class SpecialOrthogonal:
         """The Frobenius distance to the nearest rotation, ``‖Σ - diag(1, ..., 1, det(UVᵀ))‖``
         for the SVD ``x = U Σ Vᵀ``; 0 on SO(n)."""
         _check(x)
+        if x.shape[-1] == 0:  # SO(0) is one point, the empty matrix
+            return jnp.zeros(x.shape[:-2], compute_dtype(x.dtype))
         u, s, vt = numerics.lapack(jnp.linalg.svd, x.astype(compute_dtype(x.dtype)))
         sign = jnp.sign(numerics.lapack(jnp.linalg.det, u) * numerics.lapack(jnp.linalg.det, vt))
         target = jnp.ones(s.shape, s.dtype).at[..., -1].set(jnp.where(sign == 0, 1, sign))
