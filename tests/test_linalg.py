@@ -657,6 +657,17 @@ def test_polar_input_checks():
     assert linalg.polar(jnp.zeros((0, 3, 2))).shape == (0, 3, 2)
 
 
+@pytest.mark.parametrize(
+    "dtype, scales", [(jnp.float32, (1e-20, 1e-10, 1e10, 1e20)), (jnp.float64, (1e-90, 1e90))]
+)
+def test_polar_is_scale_invariant(dtype, scales):
+    # polar(c X) = polar(X): X^T X squared used to under- or overflow (NaN) for singular
+    # values outside about [1e-9, 4e9] (float32) or [1e-77, 1e77] (float64).
+    q = jnp.asarray(np.linalg.qr(np.random.default_rng(3).standard_normal((6, 4)))[0], dtype)
+    for c in scales:
+        np.testing.assert_allclose(linalg.polar(q * c), q, atol=10 * eps(dtype))
+
+
 def test_concurrent_complex_cayley_transforms_finish():
     # Four complex Cayley transforms (and their VJPs) in one program: their batched LU
     # factorizations and triangular solves, side by side, hung XLA:CPU with two threads (every

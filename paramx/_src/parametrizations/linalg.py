@@ -1027,6 +1027,11 @@ def _polar(x: jax.Array, finishing_steps: int) -> jax.Array:
     low = jnp.finfo(x.dtype).bits == 32
     k = x.shape[-1]
     eye = jnp.eye(k, dtype=x.dtype).reshape((1,) * (x.ndim - 2) + (k, k))
+    # polar(c X) = polar(X) for c > 0: a power of two (exact, so polar(Q) = Q is unchanged)
+    # brings the largest entry into [0.5, 1). Unscaled, G^2 under- or overflows for singular
+    # values outside about [1e-9, 4e9] in float32 ([1e-77, 1e77] in float64): NaN.
+    amax = lax.stop_gradient(jnp.max(jnp.abs(x), axis=(-2, -1)))
+    x = x * _matrix_scalar(_pow2(-jnp.frexp(amax)[1], x.dtype), x.dtype)
     g = _gram(x, low)  # the Gram matrix X^T X, k x k
     g2 = _square_symmetric(g, low)  # needed by the first step anyway
     # Scale so the singular values are at most 1: lambda_max(G) is at most ||G||_inf,
