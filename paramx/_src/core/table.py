@@ -256,11 +256,12 @@ def entries(tree: Any, state: Any = None) -> list[Entry]:
         tree = merge_state(tree, state)
     if is_variables(tree):
         out: list[Entry] = []
-        merged = with_state_collection(tree) if state is None else dict(tree)
         # paramx.linen's state collections, put back into the nodes of 'params': their rows
         # name them. A registered tree ({'params': ...} from model.init) holds its state in
         # 'params'.
-        source = _state_sources(tree) if state is None else {}
+        names = state_collections(tree) if state is None else ()
+        merged = with_state_collection(tree, names)
+        source = _state_sources(tree, names)
         for name, coll in merged.items():
             for e in _flat(coll, (jax.tree_util.DictKey(name),)):
                 held = source.get(paths.path_keys(e.path)[1:], "") if name == "params" else ""
@@ -457,11 +458,14 @@ def state_collections(tree: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def with_state_collection(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """A linen variables dict with paramx.linen's state collections (:func:`state_collections`)
-    merged into ``'params'`` (the nodes then hold their state), as a new dict."""
+def with_state_collection(
+    variables: Mapping[str, Any], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """A linen variables dict with paramx.linen's state collections (``names``, by default
+    :func:`state_collections`) merged into ``'params'`` (the nodes then hold their state), as a
+    new dict."""
     merged = dict(variables)
-    names = state_collections(variables)
+    names = state_collections(variables) if names is None else names
     if names:
         held: Any = {}
         for name in names:  # merge_state gives every node the state it finds, or none
@@ -480,14 +484,17 @@ def _union(a: Any, b: Any) -> Any:
     return b
 
 
-def _state_sources(variables: Mapping[str, Any]) -> dict[tuple[Any, ...], str]:
-    """For each node of ``'params'`` whose state a state collection holds, that collection."""
-    if "params" not in variables:
+def _state_sources(
+    variables: Mapping[str, Any], names: Sequence[str]
+) -> dict[tuple[Any, ...], str]:
+    """For each node of ``'params'`` whose state one of the collections ``names`` holds, that
+    collection."""
+    if "params" not in variables or not names:
         return {}
     flat = jax.tree_util.tree_flatten_with_path(variables["params"], is_leaf=paths._is_leaf)[0]
     nodes = {paths.path_keys(p) for p, x in flat if is_node(paths.unbox(x)[1])}
     out: dict[tuple[Any, ...], str] = {}
-    for name in state_collections(variables):
+    for name in names:
         for p, _ in jax.tree_util.tree_flatten_with_path(variables[name])[0]:
             keys = paths.path_keys(p)
             for k in range(len(keys)):
